@@ -1,0 +1,186 @@
+"""The event shapes the core reads and writes: both protocol generations, and the synthetic events.
+
+Reading: :func:`decode` turns a text frame into a dict (or ``None`` when it is not a JSON object); the core
+only ever looks at a handful of fields, listed here by event type. Writing: the builders at the bottom make
+the events the proxy itself sends, upstream (cancel, clear, delete) and to the client (completed, errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from proxy.core.errors import InvalidSyntheticEvent
+
+Event = dict[str, Any]
+
+# --- server events the core reads -------------------------------------------------------------------
+ITEM_CREATED = "conversation.item.created"  # beta
+ITEM_ADDED = "conversation.item.added"  # GA
+ITEM_DONE = "conversation.item.done"  # GA: the same item, finished
+ITEM_EVENTS = frozenset({ITEM_CREATED, ITEM_ADDED, ITEM_DONE})
+ITEM_DELETED = "conversation.item.deleted"
+AUDIO_COMMITTED = "input_audio_buffer.committed"
+AUDIO_CLEARED = "input_audio_buffer.cleared"
+RESPONSE_CREATED = "response.created"
+RESPONSE_DONE = "response.done"
+OUTPUT_ITEM_ADDED = "response.output_item.added"
+SESSION_CREATED = "session.created"
+ERROR = "error"
+
+# --- client events the core reads or sends ----------------------------------------------------------
+RESPONSE_CREATE = "response.create"
+RESPONSE_CANCEL = "response.cancel"
+ITEM_DELETE = "conversation.item.delete"
+AUDIO_CLEAR = "input_audio_buffer.clear"
+AUDIO_COMMIT = "input_audio_buffer.commit"
+ITEM_CREATE = "conversation.item.create"
+
+# --- synthetic events (defaults; the type names are configurable) -----------------------------------
+RESET_TYPES = ("session.reset", "conversation.delete.all")
+CHECKPOINT_TYPES = ("session.checkpoint",)
+RESET_COMPLETED = "session.reset.completed"
+CHECKPOINT_CREATED = "session.checkpoint.created"
+
+# --- error codes ----------------------------------------------------------------------------------
+CODE_UNKNOWN_ITEM = "item_delete_invalid_item_id"
+CODE_CANCEL_NOT_ACTIVE = "response_cancel_not_active"
+CODE_ALREADY_ACTIVE = "conversation_already_has_active_response"
+CODE_COMMIT_EMPTY = "input_audio_buffer_commit_empty"
+CODE_INVALID_RESET = "invalid_session_reset"
+CODE_RESET_TIMEOUT = "session_reset_timeout"
+CODE_HELD_OVERFLOW = "held_events_overflow"
+
+
+def decode(data: bytes | str) -> Event | None:
+    """Parse a text frame; ``None`` for anything that is not a JSON object (forwarded untouched)."""
+    try:
+        value = orjson.loads(data)
+    except (orjson.JSONDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def encode(event: Event) -> bytes:
+    return orjson.dumps(event)
+
+
+def str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def inner_error(event: Event) -> Event:
+    err = event.get("error")
+    return err if isinstance(err, dict) else {}
+
+
+# --- synthetic event requests ---------------------------------------------------------------------
+
+ResetTarget = Literal["empty", "checkpoint"]
+_RESET_FIELDS = frozenset({"type", "event_id", "keep_item_ids", "to", "cancel_response", "clear_input_audio"})
+_CHECKPOINT_FIELDS = frozenset({"type", "event_id"})
+
+
+@dataclass(frozen=True, slots=True)
+class ResetRequest:
+    event_id: str | None
+    keep_item_ids: tuple[str, ...] = ()
+    to: ResetTarget = "empty"
+    cancel_response: bool = True
+    clear_input_audio: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRequest:
+    event_id: str | None
+
+
+def _check_fields(event: Event, allowed: frozenset[str], what: str) -> None:
+    # A typo such as `keep_items_ids` must not silently wipe what the client meant to keep.
+    for key in event:
+        if key not in allowed:
+            raise_invalid(key, f"unknown field {key!r} in {what}")
+
+
+def raise_invalid(param: str | None, message: str) -> None:
+    raise InvalidSyntheticEvent(param, message)
+
+
+def _event_id(event: Event) -> str | None:
+    value = event.get("event_id")
+    if value is not None and not isinstance(value, str):
+        raise_invalid("event_id", "event_id must be a string")
+    return str_or_none(value)
+
+
+def _flag(event: Event, key: str, default: bool) -> bool:
+    value = event.get(key, default)
+    if not isinstance(value, bool):
+        raise_invalid(key, f"{key} must be true or false")
+    return bool(value)
+
+
+def parse_reset(event: Event) -> ResetRequest:
+    """Validate a reset event; raises :class:`InvalidSyntheticEvent` naming the bad param."""
+    event_id = _event_id(event)
+    _check_fields(event, _RESET_FIELDS, "a session reset")
+    keep = event.get("keep_item_ids", [])
+    if keep is None:
+        keep = []
+    if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+        raise_invalid("keep_item_ids", "keep_item_ids must be a list of item id strings")
+    to = event.get("to", "empty")
+    if to not in ("empty", "checkpoint"):
+        raise_invalid("to", 'to must be "empty" or "checkpoint"')
+    return ResetRequest(
+        event_id=event_id,
+        keep_item_ids=tuple(keep),
+        to=to,
+        cancel_response=_flag(event, "cancel_response", True),
+        clear_input_audio=_flag(event, "clear_input_audio", True),
+    )
+
+
+def parse_checkpoint(event: Event) -> CheckpointRequest:
+    event_id = _event_id(event)
+    _check_fields(event, _CHECKPOINT_FIELDS, "a session checkpoint")
+    return CheckpointRequest(event_id=event_id)
+
+
+# --- builders ---------------------------------------------------------------------------------------
+
+
+def cancel_event(event_id: str, response_id: str | None) -> bytes:
+    event: Event = {"type": RESPONSE_CANCEL, "event_id": event_id}
+    if response_id is not None:
+        event["response_id"] = response_id
+    return encode(event)
+
+
+def clear_event(event_id: str) -> bytes:
+    return encode({"type": AUDIO_CLEAR, "event_id": event_id})
+
+
+def delete_event(event_id: str, item_id: str) -> bytes:
+    return encode({"type": ITEM_DELETE, "event_id": event_id, "item_id": item_id})
+
+
+def error_event(
+    event_id: str, *, error_type: str, code: str, message: str, param: str | None, client_event_id: str | None
+) -> bytes:
+    """An `error` event in the API's own shape, so clients handle the proxy's errors like the server's."""
+    return encode(
+        {
+            "type": ERROR,
+            "event_id": event_id,
+            "error": {
+                "type": error_type,
+                "code": code,
+                "message": message,
+                "param": param,
+                "event_id": client_event_id,
+            },
+        }
+    )

@@ -1,0 +1,99 @@
+"""One reset, as a small state machine.
+
+    QUIETING ──(no response that can add items runs or is about to start)──▶ DELETING ──(all answered)──▶ done
+       │ sends response.cancel for each running conversation response          │ sends input_audio_buffer.clear once
+       │ (when cancel_response; else it waits for them to finish)              │ and one delete per item to remove,
+       │                                                                       │ pipelined; later items are deleted
+       └────────────────────────── deadline passes: timed out ◀────────────────┘ as they appear
+
+Done means: every command this reset sent was answered (ack or error), no item is still on its way (a
+committed audio item, or a client create or commit sent before the reset), and the conversation holds
+nothing but kept items (and items whose delete failed for a reason other
+than "does not exist", reported as failed). The reset never decides what an upstream event means — the
+session does that and tells the reset through the conversation model and `answered`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from enum import Enum
+
+from proxy.core.conversation import Conversation
+from proxy.core.events import ResetRequest
+
+
+class Phase(Enum):
+    QUIETING = "quieting"
+    DELETING = "deleting"
+
+
+@dataclass(slots=True)
+class Command:
+    """One event the proxy sent upstream on a reset's behalf; `target` is the item or response id."""
+
+    kind: str  # "cancel" | "clear" | "delete"
+    target: str | None
+    reset_seq: int
+
+
+@dataclass(slots=True)
+class Reset:
+    seq: int
+    request: ResetRequest
+    keep: frozenset[str]
+    started_at: float
+    deadline: float
+    phase: Phase = Phase.QUIETING
+    outstanding: set[str] = field(default_factory=set)  # event ids of our commands not answered yet
+    cancelled_responses: set[str] = field(default_factory=set)
+    attempted: set[str] = field(default_factory=set)  # item ids a delete was sent for
+    deleted: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    response_cancelled: bool = False
+    clear_sent: bool = False
+
+    def plan(
+        self,
+        conv: Conversation,
+        deletes_elsewhere: Collection[str],
+        send: Callable[[str, str | None], None],
+    ) -> bool:
+        """Send what the state calls for now (through `send(kind, target)`); True when the reset is done.
+
+        `deletes_elsewhere` are items somebody else's delete is already on its way for (the client's, sent
+        before the reset began): the reset waits for them to go instead of deleting them twice.
+        """
+        if self.phase is Phase.QUIETING:
+            if self.request.cancel_response:
+                for rid in conv.conversation_responses():
+                    if rid not in self.cancelled_responses:
+                        self.cancelled_responses.add(rid)
+                        send("cancel", rid)
+            # Deleting while a response runs races its output items: quiet first.
+            if conv.response_in_progress:
+                return False
+            self.phase = Phase.DELETING
+            if self.request.clear_input_audio and not self.clear_sent:
+                self.clear_sent = True
+                send("clear", None)
+        elif conv.response_in_progress:
+            # A response started mid-reset (server VAD on audio committed before our clear): stop it too.
+            self.phase = Phase.QUIETING
+            return self.plan(conv, deletes_elsewhere, send)
+        waiting = False
+        for item_id in list(conv.item_ids):
+            if item_id in self.keep or item_id in self.attempted:
+                continue
+            if item_id in deletes_elsewhere:
+                waiting = True
+                continue
+            self.attempted.add(item_id)
+            send("delete", item_id)
+        if self.outstanding or waiting or conv.items_on_their_way:
+            return False
+        failed = set(self.failed)
+        return all(i in self.keep or i in failed for i in conv.item_ids)
+
+    def kept_item_ids(self, conv: Conversation) -> list[str]:
+        return [i for i in conv.item_ids if i in self.keep]
