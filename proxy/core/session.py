@@ -137,9 +137,23 @@ class Session:
 
     def data_to_send(self) -> tuple[list[Frame], list[Frame]]:
         """(frames for the upstream, frames for the client), each in order; the buffers start afresh."""
-        up, self._to_upstream = self._to_upstream, []
-        down, self._to_client = self._to_client, []
-        return up, down
+        return self.take_upstream(), self.take_client()
+
+    @property
+    def pending_upstream(self) -> bool:
+        return bool(self._to_upstream)
+
+    @property
+    def pending_client(self) -> bool:
+        return bool(self._to_client)
+
+    def take_upstream(self) -> list[Frame]:
+        frames, self._to_upstream = self._to_upstream, []
+        return frames
+
+    def take_client(self) -> list[Frame]:
+        frames, self._to_client = self._to_client, []
+        return frames
 
     def take_notices(self) -> list[Notice]:
         notices, self.notices = self.notices, []

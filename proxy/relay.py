@@ -1,0 +1,199 @@
+"""Per connection: two pumps around a core session, a reset timer, and the close handshake both ways.
+
+The client side is an aiohttp ``WebSocketResponse`` (TEXT frames arrive as bytes: ``decode_text=False``);
+the upstream side is a ``websockets`` client connection. Every frame goes into the core session, and what the
+session hands back is written out under a per-direction lock, so two pumps never interleave a direction's
+frames. Writes await the peer's drain: a slow reader slows its source (TCP back-pressure), nothing piles up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import WSCloseCode, WSMsgType, web
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from proxy.core.session import Binary, Frame, Notice, ResetFinished, Session, SessionConfig
+
+log = structlog.get_logger("proxy.relay")
+
+# Codes that may appear in a close frame we send (RFC 6455 §7.4.1): 1005, 1006 and 1015 only describe a close.
+_UNSENDABLE = {1005: 1000, 1006: 1014, 1015: 1014}
+BAD_GATEWAY = 1014  # "the server was acting as a gateway and got an invalid response": the upstream vanished
+
+
+def sendable(code: int | None, default: int) -> int:
+    if code is None:
+        return default
+    if code in _UNSENDABLE:
+        return _UNSENDABLE[code]
+    if 1000 <= code <= 1015 or 3000 <= code <= 4999:
+        return code
+    return default
+
+
+@dataclass(slots=True)
+class RelayStats:
+    frames_up: int = 0
+    frames_down: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    resets: int = 0
+    resets_timed_out: int = 0
+    client_close_code: int | None = None
+    upstream_close_code: int | None = None
+    notices: list[Notice] = field(default_factory=list)
+
+
+class Relay:
+    def __init__(
+        self,
+        client: web.WebSocketResponse,
+        upstream: ClientConnection,
+        config: SessionConfig,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.upstream = upstream
+        loop = asyncio.get_running_loop()
+        # The loop's clock drives the core, so its deadlines and our timer agree.
+        self.session = Session(config, clock=loop.time)
+        self.stats = RelayStats()
+        self._close_timeout = close_timeout
+        self._up_lock = asyncio.Lock()
+        self._down_lock = asyncio.Lock()
+        self._deadline_changed = asyncio.Event()
+        self._armed: float | None = None
+        self._started = time.monotonic()
+
+    async def run(self) -> None:
+        """Relay until either side closes; then close the other with a code that says why, and clean up."""
+        client_pump = asyncio.create_task(self._client_pump(), name="client-pump")
+        upstream_pump = asyncio.create_task(self._upstream_pump(), name="upstream-pump")
+        timer = asyncio.create_task(self._timer(), name="reset-timer")
+        try:
+            done, _ = await asyncio.wait({client_pump, upstream_pump}, return_when=asyncio.FIRST_COMPLETED)
+            if upstream_pump in done:
+                await self._close_client()
+            else:
+                await self._close_upstream()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(client_pump, upstream_pump, return_exceptions=True), 5.0)
+        finally:
+            for task in (client_pump, upstream_pump, timer):
+                task.cancel()
+            await asyncio.gather(client_pump, upstream_pump, timer, return_exceptions=True)
+            if not self.client.closed:
+                await self.client.close(code=WSCloseCode.GOING_AWAY)
+            await self.upstream.close()
+
+    # --- pumps ------------------------------------------------------------------------------------
+
+    async def _client_pump(self) -> None:
+        session = self.session
+        stats = self.stats
+        async for msg in self.client:
+            if msg.type is WSMsgType.TEXT:
+                data: Frame = msg.data
+            elif msg.type is WSMsgType.BINARY:
+                data = Binary(msg.data)
+            else:  # ERROR (e.g. a frame over max_msg_size: aiohttp closes with 1009) or close frames
+                break
+            stats.frames_up += 1
+            stats.bytes_up += len(data)
+            session.client_frame(data)
+            await self._flush()
+
+    async def _upstream_pump(self) -> None:
+        session = self.session
+        stats = self.stats
+        try:
+            async for message in self.upstream:
+                data: Frame = message if isinstance(message, str) else Binary(message)
+                stats.frames_down += 1
+                stats.bytes_down += len(data)
+                session.upstream_frame(data)
+                await self._flush()
+        except ConnectionClosed:
+            pass  # a close without a clean handshake: the code is read in _close_client
+
+    async def _timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._deadline_changed.clear()
+            deadline = self.session.deadline
+            self._armed = deadline
+            if deadline is None:
+                await self._deadline_changed.wait()
+                continue
+            delay = deadline - loop.time()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._deadline_changed.wait(), delay)
+                continue
+            self.session.handle_timeout()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        session = self.session
+        if session.deadline != self._armed:
+            self._deadline_changed.set()
+        if session.pending_upstream:
+            async with self._up_lock:
+                for frame in session.take_upstream():
+                    if isinstance(frame, Binary):
+                        await self.upstream.send(bytes(frame), text=False)
+                    else:
+                        await self.upstream.send(frame, text=True)
+        if session.pending_client:
+            async with self._down_lock:
+                for frame in session.take_client():
+                    if isinstance(frame, Binary):
+                        await self.client.send_bytes(bytes(frame))
+                    elif isinstance(frame, str):
+                        await self.client.send_str(frame)
+                    else:
+                        await self.client.send_frame(frame, WSMsgType.TEXT)
+        if session.notices:
+            self._note(session.take_notices())
+
+    def _note(self, notices: list[Notice]) -> None:
+        for notice in notices:
+            if isinstance(notice, ResetFinished):
+                self.stats.resets += 1
+                if notice.outcome == "timed_out":
+                    self.stats.resets_timed_out += 1
+                log.info(
+                    "reset",
+                    outcome=notice.outcome,
+                    duration_ms=round(notice.duration_ms, 3),
+                    items_deleted=notice.deleted,
+                    items_failed=notice.failed,
+                    response_cancelled=notice.cancelled_response,
+                )
+            else:
+                log.warning("events_rejected", count=notice.count, reason="held event limit")
+        self.stats.notices.extend(notices)
+
+    # --- closing ----------------------------------------------------------------------------------
+
+    async def _close_client(self) -> None:
+        """The upstream closed: pass its code and reason on (1011 stays 1011), or 1014 if it just vanished."""
+        rcvd = self.upstream.protocol.close_rcvd
+        code = rcvd.code if rcvd is not None else None
+        reason = rcvd.reason if rcvd is not None else "upstream connection lost"
+        self.stats.upstream_close_code = code
+        if not self.client.closed:
+            await self.client.close(code=sendable(code, BAD_GATEWAY), message=reason.encode()[:123])
+
+    async def _close_upstream(self) -> None:
+        """The client closed (or broke a limit): tell the upstream with the client's code."""
+        code = self.client.close_code
+        self.stats.client_close_code = code
+        # A client that vanished without a close frame is "going away" as far as the upstream is concerned.
+        await self.upstream.close(code=sendable(code, 1001), reason="client closed")
