@@ -1,0 +1,92 @@
+"""Real sockets on 127.0.0.1: a client → the proxy → the simulator, each on an ephemeral port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from proxy.config import config_from_dict
+from proxy.server import ProxyServer
+from proxy.simulator import SimSession, Simulator, SimulatorConfig
+
+Event = dict[str, Any]
+
+
+class Client:
+    """A raw WebSocket client that keeps every event it received, for exact assertions."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.events: list[Event] = []
+
+    async def send(self, event: Event) -> None:
+        await self.ws.send(orjson.dumps(event).decode())
+
+    async def recv(self) -> Event:
+        event: Event = orjson.loads(await self.ws.recv(decode=False))
+        self.events.append(event)
+        return event
+
+    async def until(self, predicate: str | Callable[[Event], bool]) -> Event:
+        """Receive until an event of that type (or matching the predicate) arrives; returns it."""
+        match = (lambda e: e.get("type") == predicate) if isinstance(predicate, str) else predicate
+        while True:
+            event = await self.recv()
+            if match(event):
+                return event
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+
+@dataclass
+class Stack:
+    sim: Simulator
+    proxy: ProxyServer
+    exit: AsyncExitStack
+
+    async def client(
+        self, query: str = "?model=gpt-realtime", path: str = "/v1/realtime", **kwargs: Any
+    ) -> tuple[Client, SimSession]:
+        """A connected client, its upstream session in the simulator, and session.created already read."""
+        n = len(self.sim.sessions)
+        url = f"ws://127.0.0.1:{self.proxy.port}{path}{query}"
+        ws = await self.exit.enter_async_context(connect(url, compression=None, **kwargs))
+        client = Client(ws)
+        await client.until("session.created")
+        upstream = await self.sim.wait_for_sessions(n + 1)
+        return client, upstream
+
+
+StackFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_stack() -> AsyncIterator[StackFactory]:
+    """make_stack(sim=SimulatorConfig(...), **proxy config sections) → a running Stack, torn down after."""
+    async with AsyncExitStack() as stack:
+
+        async def factory(sim: SimulatorConfig | None = None, url_suffix: str = "", **sections: Any) -> Stack:
+            simulator = await stack.enter_async_context(Simulator(sim or SimulatorConfig(delta_interval_s=0.002)))
+            upstream = {"url": simulator.url + url_suffix, **sections.pop("upstream", {})}
+            config = config_from_dict({"listen": {"port": 0}, "upstream": upstream, **sections})
+            proxy = await stack.enter_async_context(ProxyServer(config))
+            return Stack(simulator, proxy, stack)
+
+        yield factory
+
+
+def item_event(text: str, item_id: str | None = None) -> Event:
+    item: Event = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    if item_id is not None:
+        item["id"] = item_id
+    return {"type": "conversation.item.create", "item": item}
+
+
+INTERNAL = {"conversation.item.deleted", "input_audio_buffer.cleared"}
