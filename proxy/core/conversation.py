@@ -28,6 +28,7 @@ from proxy.core.events import (
     CODE_COMMIT_EMPTY,
     ITEM_CREATE,
     ITEM_DELETED,
+    ITEM_DONE,
     ITEM_EVENTS,
     OUTPUT_ITEM_ADDED,
     RESPONSE_CREATE,
@@ -36,6 +37,8 @@ from proxy.core.events import (
     Event,
     str_or_none,
 )
+
+_REMEMBER_REMOVED = 1024
 
 
 @dataclass(slots=True)
@@ -55,6 +58,8 @@ class Conversation:
         self.item_creates: deque[tuple[str | None, str | None]] = deque()  # (client event id, item id)
         self.commits: deque[str | None] = deque()  # client event ids of commits not answered yet
         self._output_items: set[str] = set()  # announced by response.output_item.added, item event not seen
+        # Recently deleted ids: a GA `conversation.item.done` that trails the delete must not bring one back.
+        self._removed: dict[str, None] = {}
         self.active_responses: dict[str, bool] = {}  # response id → in the conversation (not out-of-band)
         # Out-of-band response id → its output item ids; the items are ignored should an item event name them.
         self._oob_responses: dict[str, list[str]] = {}
@@ -94,6 +99,9 @@ class Conversation:
             return False
         self._present.discard(item_id)
         self.item_ids.remove(item_id)
+        self._removed[item_id] = None
+        if len(self._removed) > _REMEMBER_REMOVED:
+            del self._removed[next(iter(self._removed))]
         return True
 
     # --- responses --------------------------------------------------------------------------------
@@ -167,7 +175,7 @@ class Conversation:
         if etype in ITEM_EVENTS:
             item = event.get("item")
             item_id = str_or_none(item.get("id")) if isinstance(item, dict) else None
-            if item_id is None or item_id in self._oob_items:
+            if item_id is None or item_id in self._oob_items or (etype == ITEM_DONE and item_id in self._removed):
                 return
             placed = "previous_item_id" in event
             self.add(item_id, str_or_none(event.get("previous_item_id")), placed=placed)

@@ -129,7 +129,7 @@ class Session:
         # A cancel answered by `response.done` may still draw a not-active error later (it raced the end).
         self._recent_cancels: deque[str] = deque(maxlen=_RECENT_CANCELS)
         # Client commands in flight whose answers look like ours: tell them apart.
-        self._client_deletes: dict[str, int] = {}  # item id → count
+        self._client_deletes: dict[str, list[str | None]] = {}  # item id → client event ids, oldest first
         self._client_delete_ids: dict[str, str] = {}  # client event id → item id
         self._client_clears = 0
 
@@ -224,8 +224,8 @@ class Session:
         elif etype == ITEM_DELETE:
             item_id = str_or_none(event.get("item_id"))
             if item_id is not None:
-                self._client_deletes[item_id] = self._client_deletes.get(item_id, 0) + 1
                 client_id = str_or_none(event.get("event_id"))
+                self._client_deletes.setdefault(item_id, []).append(client_id)
                 if client_id is not None:
                     self._client_delete_ids[client_id] = item_id
         elif etype == AUDIO_CLEAR:
@@ -404,13 +404,18 @@ class Session:
         return True
 
     def _client_delete_done(self, item_id: str, client_event_id: str | None) -> None:
-        count = self._client_deletes.get(item_id, 0)
-        if count > 1:
-            self._client_deletes[item_id] = count - 1
-        elif count == 1:
-            del self._client_deletes[item_id]
+        """One of the client's deletes of `item_id` was answered: the one named, else the oldest."""
+        pending = self._client_deletes.get(item_id)
+        if not pending:
+            return
+        if client_event_id in pending:
+            pending.remove(client_event_id)
+        else:
+            client_event_id = pending.pop(0)
         if client_event_id is not None:
             self._client_delete_ids.pop(client_event_id, None)
+        if not pending:
+            del self._client_deletes[item_id]
 
     def _on_cleared(self) -> bool:
         # The server answers clears in order; the client's, sent before ours, come back first.
