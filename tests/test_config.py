@@ -1,0 +1,184 @@
+"""The TOML config: the example file stays equal to the defaults, and every bad file names its key."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import pytest
+
+from proxy.config import Config, load_config
+from proxy.core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config.example.toml"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _dataclass_keys() -> dict[str, set[str]]:
+    """{section: {key, ...}} as declared by the Config dataclasses."""
+    sections: dict[str, Any] = get_type_hints(Config)
+    return {name: {f.name for f in dataclasses.fields(cls)} for name, cls in sections.items()}
+
+
+# --- the example file -------------------------------------------------------------------------------
+
+
+def test_example_file_equals_the_defaults() -> None:
+    """config.example.toml loads without error and yields exactly the built-in defaults."""
+    assert load_config(EXAMPLE) == Config()
+
+
+def test_example_file_lists_every_section_and_key() -> None:
+    """Every section and key of the Config dataclasses appears in config.example.toml, and nothing else."""
+    data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    assert {name: set(table) for name, table in data.items()} == _dataclass_keys()
+
+
+def test_example_file_comments_every_key() -> None:
+    """Every key line in config.example.toml has a comment line right above it."""
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    keys = {key for section in _dataclass_keys().values() for key in section}
+    seen: set[str] = set()
+    for i, line in enumerate(lines):
+        name = line.split("=", 1)[0].strip()
+        if "=" in line and not line.startswith("#") and name in keys:
+            seen.add(name)
+            assert lines[i - 1].startswith("#"), f"{name} has no comment above it"
+    assert seen == keys
+
+
+def test_no_file_means_the_defaults() -> None:
+    """load_config(None) returns the defaults (the CLI with no --config)."""
+    assert load_config(None) == Config()
+
+
+def test_empty_file_means_the_defaults(tmp_path: Path) -> None:
+    """An empty file is valid: every key keeps its default."""
+    assert load_config(_write(tmp_path, "")) == Config()
+
+
+def test_values_override_the_defaults(tmp_path: Path) -> None:
+    """Keys set in the file replace the defaults; a whole number is accepted where seconds are expected."""
+    path = _write(
+        tmp_path,
+        '[listen]\nhost = "0.0.0.0"\nport = 9000\n'
+        '[reset]\ntimeout_seconds = 3\nevent_types = ["wipe"]\ncheckpoint_event_types = []\n'
+        '[logging]\nformat = "json"\n',
+    )
+    config = load_config(path)
+    assert config.listen.host == "0.0.0.0"
+    assert config.listen.port == 9000
+    assert config.reset.timeout_seconds == 3.0 and isinstance(config.reset.timeout_seconds, float)
+    assert config.reset.event_types == ("wipe",)
+    assert config.reset.checkpoint_event_types == ()
+    assert config.logging.format == "json"
+    assert config.upstream == Config().upstream
+
+
+# --- bad files: one ConfigError that names the key ----------------------------------------------------
+
+BAD_FILES: list[tuple[str, str, str]] = [
+    # (test id, file text, the key the error must name)
+    ("unknown-section", "[listne]\nport = 1\n", "listne"),
+    ("section-not-a-table", "listen = 8765\n", "listen"),
+    ("unknown-key", "[listen]\nprot = 8765\n", "listen.prot"),
+    ("unknown-key-in-limits", "[limits]\nmax_held = 5\n", "limits.max_held"),
+    ("port-not-int", '[listen]\nport = "8765"\n', "listen.port"),
+    ("port-float", "[listen]\nport = 8765.0\n", "listen.port"),
+    ("port-bool", "[listen]\nport = true\n", "listen.port"),
+    ("host-not-str", "[listen]\nhost = 127\n", "listen.host"),
+    ("timeout-not-number", '[upstream]\nconnect_timeout_seconds = "10"\n', "upstream.connect_timeout_seconds"),
+    ("flag-not-bool", '[reset]\nforward_internal_events = "yes"\n', "reset.forward_internal_events"),
+    ("event-types-not-list", '[reset]\nevent_types = "session.reset"\n', "reset.event_types"),
+    ("event-types-empty-name", '[reset]\nevent_types = ["session.reset", ""]\n', "reset.event_types"),
+    ("event-types-none", "[reset]\nevent_types = []\n", "reset.event_types"),
+    (
+        "checkpoint-type-is-reset-type",
+        '[reset]\nevent_types = ["x"]\ncheckpoint_event_types = ["x"]\n',
+        "reset.checkpoint_event_types",
+    ),
+    ("level-unknown", '[logging]\nlevel = "verbose"\n', "logging.level"),
+    ("format-unknown", '[logging]\nformat = "xml"\n', "logging.format"),
+    ("port-too-big", "[listen]\nport = 65536\n", "listen.port"),
+    ("port-negative", "[listen]\nport = -1\n", "listen.port"),
+    ("connect-timeout-zero", "[upstream]\nconnect_timeout_seconds = 0\n", "upstream.connect_timeout_seconds"),
+    ("reset-timeout-negative", "[reset]\ntimeout_seconds = -1.5\n", "reset.timeout_seconds"),
+    ("max-message-zero", "[limits]\nmax_message_bytes = 0\n", "limits.max_message_bytes"),
+    ("max-held-events-zero", "[limits]\nmax_held_events = 0\n", "limits.max_held_events"),
+    ("max-held-bytes-negative", "[limits]\nmax_held_bytes = -1\n", "limits.max_held_bytes"),
+    ("url-scheme-ftp", '[upstream]\nurl = "ftp://api.openai.com/v1/realtime"\n', "upstream.url"),
+    ("url-no-scheme", '[upstream]\nurl = "api.openai.com/v1/realtime"\n', "upstream.url"),
+    ("url-no-host", '[upstream]\nurl = "wss:///v1/realtime"\n', "upstream.url"),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), [pytest.param(t, k, id=i) for i, t, k in BAD_FILES])
+def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    """A bad section, key, type or value raises ConfigError whose key and message name the offending key."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    assert info.value.key == key
+    assert f"config error: {key}: " in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    """A file that is not TOML raises ConfigError naming the file and saying it is not valid TOML."""
+    path = _write(tmp_path, "[listen\nport = 8765\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == str(path)
+    assert f"config error: {path}: not valid TOML" in str(info.value)
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    """A config path that does not exist raises ConfigError naming that path."""
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == str(path)
+    assert f"config error: {path}: cannot read the config file" in str(info.value)
+
+
+def test_directory_instead_of_file_names_the_path(tmp_path: Path) -> None:
+    """A config path that is a directory raises ConfigError naming that path, not an OSError."""
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert info.value.key == str(tmp_path)
+
+
+# --- known gaps in proxy/config.py (reported, not fixed here): strict, so a fix flags the marker ---------
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="config.py: yarl's ValueError escapes _validate")
+def test_unparsable_url_names_the_key(tmp_path: Path) -> None:
+    """An upstream.url that yarl cannot parse raises ConfigError naming upstream.url, not a ValueError."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, '[upstream]\nurl = "wss://[api.openai.com/v1/realtime"\n'))
+    assert info.value.key == "upstream.url"
+
+
+@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason="config.py: only OSError is caught on read")
+def test_non_utf8_file_names_the_file(tmp_path: Path) -> None:
+    """A file that is not UTF-8 raises ConfigError naming the file, not a UnicodeDecodeError."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xff\xfe[listen]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == str(path)
+
+
+@pytest.mark.xfail(strict=True, reason="config.py: `nan <= 0` is False, so nan passes the range check")
+def test_nan_timeout_names_the_key(tmp_path: Path) -> None:
+    """reset.timeout_seconds = nan is refused with ConfigError naming reset.timeout_seconds."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, "[reset]\ntimeout_seconds = nan\n"))
+    assert info.value.key == "reset.timeout_seconds"
