@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 
 import structlog
 
+from proxy.auth import load_secrets
 from proxy.config import Config, load_config
 from proxy.core.errors import ConfigError
 from proxy.logs import configure_logging
@@ -17,17 +19,59 @@ from proxy.logs import configure_logging
 log = structlog.get_logger("proxy")
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: not ready, no new sessions, open ones get drain_seconds."""
     from proxy.server import ProxyServer
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signals: asyncio.Queue[int] = asyncio.Queue()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with ProxyServer(config) as server:
-        log.info("listening", url=server.url, upstream=config.upstream.url)
-        await stop.wait()
-        log.info("shutting_down")
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    server = ProxyServer(config, reuse_port=reuse_port)
+    await server.start()
+    log.info("listening", url=server.url, upstream=config.upstream.url, admin_port=server.admin_port)
+    try:
+        received = await signals.get()
+        log.info("signal", signal=signal.Signals(received).name)
+        drain = asyncio.create_task(server.drain(config.listen.drain_seconds))
+        second = asyncio.create_task(signals.get())
+        # A second signal cuts the drain short, as operators expect from Ctrl-C twice.
+        await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (drain, second):
+            task.cancel()
+        await asyncio.gather(drain, second, return_exceptions=True)
+    finally:
+        await server.stop()
+        log.info("stopped")
+
+
+def _worker(config_path: str | None) -> None:
+    """One of several processes sharing the port (SO_REUSEPORT); the kernel spreads connections."""
+    config = load_config(config_path)
+    configure_logging(config.logging)
+    asyncio.run(_serve(config, reuse_port=True))
+
+
+def _run_workers(config: Config, config_path: str | None) -> int:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_worker, args=(config_path,), name=f"worker-{i}") for i in range(config.listen.workers)
+    ]
+    for process in workers:
+        process.start()
+
+    def forward(sig: int, _frame: object) -> None:
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in workers:
+        process.join()
+    return max((p.exitcode or 0) for p in workers)
 
 
 async def _simulate(host: str, port: int, vad: bool) -> None:
@@ -70,10 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging(LoggingConfig(level="warning", format="console"))  # the demo prints its own lines
             asyncio.run(run_demo(args.tasks))
             return 0
-        config = load_config(getattr(args, "serve_config", None) or args.config)
+        config_path = getattr(args, "serve_config", None) or args.config
+        config = load_config(config_path)
+        load_secrets(config)  # a missing key is a config error now, not at the first connection
+        configure_logging(config.logging)
+        if config.listen.workers > 1:
+            return _run_workers(config, config_path)
+        asyncio.run(_serve(config))
     except ConfigError as exc:
         print(f"realtime-reset-proxy: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.logging)
-    asyncio.run(_serve(config))
     return 0

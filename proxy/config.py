@@ -8,6 +8,7 @@ and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,20 +20,58 @@ from proxy.core.errors import ConfigError
 from proxy.core.events import CHECKPOINT_TYPES, RESET_TYPES
 from proxy.core.session import SessionConfig
 
+# Real client events (both generations): a synthetic type must never shadow one.
+REAL_CLIENT_EVENTS = frozenset(
+    {
+        "session.update",
+        "transcription_session.update",
+        "input_audio_buffer.append",
+        "input_audio_buffer.commit",
+        "input_audio_buffer.clear",
+        "conversation.item.create",
+        "conversation.item.retrieve",
+        "conversation.item.truncate",
+        "conversation.item.delete",
+        "response.create",
+        "response.cancel",
+        "output_audio_buffer.clear",
+    }
+)
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
+
+
+UpstreamAuth = Literal["bearer", "api-key"]
 
 
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
     host: str = "127.0.0.1"
     port: int = 8765
+    tls_cert_file: str = ""  # both set: the listener speaks TLS (wss://), which the JS SDK requires
+    tls_key_file: str = ""
+    drain_seconds: float = 30.0
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     url: str = "wss://api.openai.com/v1/realtime"
     connect_timeout_seconds: float = 10.0
+    api_key_env: str = ""  # name of the environment variable holding the key; the key itself never goes here
+    auth: UpstreamAuth = "bearer"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    client_tokens_env: str = ""
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    port: int = 0  # 0: /healthz, /readyz and /metrics are served on the main port
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +99,8 @@ class LoggingConfig:
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     reset: ResetConfig = field(default_factory=ResetConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -91,8 +132,8 @@ def _convert(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(key, f"must be a whole number, not {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, f"must be a number, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, not {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -119,11 +160,33 @@ def _section(name: str, cls: type[Any], data: Any) -> Any:
 
 
 def _validate(config: Config) -> None:
-    if not 0 <= config.listen.port <= 65535:
-        raise ConfigError("listen.port", "must be between 0 and 65535")
-    url = URL(config.upstream.url)
-    if url.scheme not in ("ws", "wss", "http", "https") or not url.host:
-        raise ConfigError("upstream.url", f"must be a ws:// or wss:// URL with a host, not {config.upstream.url!r}")
+    listen = config.listen
+    for key, port in (("listen.port", listen.port), ("admin.port", config.admin.port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(key, "must be between 0 and 65535")
+    if bool(listen.tls_cert_file) != bool(listen.tls_key_file):
+        missing = "listen.tls_key_file" if listen.tls_cert_file else "listen.tls_cert_file"
+        raise ConfigError(missing, "TLS needs both tls_cert_file and tls_key_file")
+    for key, path in (("listen.tls_cert_file", listen.tls_cert_file), ("listen.tls_key_file", listen.tls_key_file)):
+        if path and not Path(path).is_file():
+            raise ConfigError(key, f"no such file: {path}")
+    if listen.workers < 1:
+        raise ConfigError("listen.workers", f"must be at least 1, not {listen.workers}")
+    if listen.workers > 1 and listen.port == 0:
+        raise ConfigError("listen.workers", "several workers share one port: set listen.port (not 0)")
+    if listen.drain_seconds < 0:
+        raise ConfigError("listen.drain_seconds", f"must be 0 or more, not {listen.drain_seconds}")
+    if not listen.host.strip():
+        raise ConfigError("listen.host", 'must name an address, e.g. "127.0.0.1" or "0.0.0.0" (all interfaces)')
+    try:
+        url = URL(config.upstream.url)
+        host = url.host
+    except ValueError as exc:
+        raise ConfigError("upstream.url", f"not a valid URL: {exc}") from exc
+    if url.scheme not in ("ws", "wss", "http", "https") or not host:
+        raise ConfigError(
+            "upstream.url", f"must be a ws://, wss://, http:// or https:// URL with a host, not {config.upstream.url!r}"
+        )
     positive = {
         "upstream.connect_timeout_seconds": config.upstream.connect_timeout_seconds,
         "reset.timeout_seconds": config.reset.timeout_seconds,
@@ -136,6 +199,13 @@ def _validate(config: Config) -> None:
             raise ConfigError(key, f"must be greater than 0, not {value!r}")
     if not config.reset.event_types:
         raise ConfigError("reset.event_types", "must name at least one event type")
+    for key, types in (
+        ("reset.event_types", config.reset.event_types),
+        ("reset.checkpoint_event_types", config.reset.checkpoint_event_types),
+    ):
+        clash = sorted(set(types) & REAL_CLIENT_EVENTS)
+        if clash:
+            raise ConfigError(key, f"{clash} is a Realtime API client event: the proxy would swallow it")
     overlap = set(config.reset.event_types) & set(config.reset.checkpoint_event_types)
     if overlap:
         raise ConfigError("reset.checkpoint_event_types", f"{sorted(overlap)} is also a reset event type")
@@ -162,6 +232,8 @@ def load_config(path: str | Path | None) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the config file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"the config file is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

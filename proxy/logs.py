@@ -55,3 +55,6 @@ def configure_logging(config: LoggingConfig, stream: Any = None) -> None:
     root.setLevel(config.level.upper())
     # aiohttp.access would log every upgrade request line with its query: we log connections ourselves.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # At debug level these libraries log handshake headers (API keys) and frame contents (audio): never.
+    for name in ("websockets", "aiohttp.websocket", "aiohttp.client", "aiohttp.server"):
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))

@@ -11,16 +11,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from proxy.core.session import Binary, Frame, Notice, ResetFinished, Session, SessionConfig
+from proxy.core.session import (
+    Binary,
+    EventsRejected,
+    Frame,
+    Notice,
+    ResetFinished,
+    Session,
+    SessionConfig,
+    UpstreamSession,
+    Usage,
+)
+from proxy.metrics import Metrics
 
-log = structlog.get_logger("proxy.relay")
+_log = structlog.get_logger("proxy.relay")
 
 # Codes that may appear in a close frame we send (RFC 6455 §7.4.1): 1005, 1006 and 1015 only describe a close.
 _UNSENDABLE = {1005: 1000, 1006: 1014, 1015: 1014}
@@ -47,7 +58,6 @@ class RelayStats:
     resets_timed_out: int = 0
     client_close_code: int | None = None
     upstream_close_code: int | None = None
-    notices: list[Notice] = field(default_factory=list)
 
 
 class Relay:
@@ -56,9 +66,13 @@ class Relay:
         client: web.WebSocketResponse,
         upstream: ClientConnection,
         config: SessionConfig,
+        metrics: Metrics | None = None,
+        log: structlog.stdlib.BoundLogger | None = None,
         close_timeout: float = 5.0,
     ) -> None:
         self.client = client
+        self.metrics = metrics
+        self.log: structlog.stdlib.BoundLogger = log or _log
         self.upstream = upstream
         loop = asyncio.get_running_loop()
         # The loop's clock drives the core, so its deadlines and our timer agree.
@@ -73,6 +87,8 @@ class Relay:
 
     async def run(self) -> None:
         """Relay until either side closes; then close the other with a code that says why, and clean up."""
+        if self.metrics is not None:
+            self.metrics.opened(self)
         client_pump = asyncio.create_task(self._client_pump(), name="client-pump")
         upstream_pump = asyncio.create_task(self._upstream_pump(), name="upstream-pump")
         timer = asyncio.create_task(self._timer(), name="reset-timer")
@@ -91,6 +107,8 @@ class Relay:
             if not self.client.closed:
                 await self.client.close(code=WSCloseCode.GOING_AWAY)
             await self.upstream.close()
+            if self.metrics is not None:
+                self.metrics.closed(self)
 
     # --- pumps ------------------------------------------------------------------------------------
 
@@ -162,23 +180,46 @@ class Relay:
         if session.notices:
             self._note(session.take_notices())
 
+    @property
+    def held_count(self) -> int:
+        return self.session.held_count
+
+    @property
+    def held_total(self) -> int:
+        return self.session.held_total
+
     def _note(self, notices: list[Notice]) -> None:
+        """Logs and metrics for what the core reported; rare events, off the per-frame path."""
+        metrics = self.metrics
         for notice in notices:
-            if isinstance(notice, ResetFinished):
+            if isinstance(notice, UpstreamSession):
+                self.log = self.log.bind(upstream_session=notice.session_id)
+            elif isinstance(notice, Usage):
+                if metrics is not None:
+                    metrics.tokens.labels("input").inc(notice.input_tokens)
+                    metrics.tokens.labels("cached").inc(notice.cached_tokens)
+                    metrics.tokens.labels("output").inc(notice.output_tokens)
+            elif isinstance(notice, ResetFinished):
                 self.stats.resets += 1
+                outcome = "partial" if notice.outcome == "completed" and notice.failed else notice.outcome
                 if notice.outcome == "timed_out":
                     self.stats.resets_timed_out += 1
-                log.info(
+                if metrics is not None:
+                    metrics.resets.labels(outcome).inc()
+                    metrics.reset_seconds.observe(notice.duration_ms / 1000.0)
+                    metrics.items_deleted.inc(notice.deleted)
+                self.log.info(
                     "reset",
-                    outcome=notice.outcome,
+                    outcome=outcome,
                     duration_ms=round(notice.duration_ms, 3),
                     items_deleted=notice.deleted,
                     items_failed=notice.failed,
                     response_cancelled=notice.cancelled_response,
                 )
-            else:
-                log.warning("events_rejected", count=notice.count, reason="held event limit")
-        self.stats.notices.extend(notices)
+            elif isinstance(notice, EventsRejected):
+                if metrics is not None:
+                    metrics.events_rejected.inc(notice.count)
+                self.log.warning("events_rejected", count=notice.count, reason="held event limit")
 
     # --- closing ----------------------------------------------------------------------------------
 

@@ -8,35 +8,32 @@ instead of a socket that opens and closes at once.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import secrets
+import ssl
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 import structlog
 from aiohttp import WSCloseCode, hdrs, web
 from multidict import CIMultiDict, MultiDict, MultiMapping
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 from yarl import URL
 
+from proxy.auth import Secrets, load_secrets, open_proxy_warning, refusal, upstream_credentials
 from proxy.config import Config
-from proxy.core.errors import UpstreamRefused, UpstreamUnreachable
+from proxy.core.errors import ConfigError, UpstreamRefused, UpstreamUnreachable
+from proxy.metrics import Metrics
 from proxy.relay import Relay
 
 log = structlog.get_logger("proxy.server")
 
-CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
-OPEN_SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse[bool]]] = web.AppKey("open_sockets")
-
-# The headers the Realtime API (OpenAI and Azure) reads; nothing else of the client's goes upstream.
-FORWARDED_HEADERS = ("Authorization", "OpenAI-Beta", "OpenAI-Organization", "OpenAI-Project", "api-key")
 # What of an upstream refusal is worth passing on with its status and body.
 REFUSAL_HEADERS = ("Content-Type", "Retry-After", "x-request-id", "openai-organization", "openai-processing-ms")
 _REFUSAL_LOWER = {h.lower() for h in REFUSAL_HEADERS}
-
-_connection_ids = itertools.count(1)
 
 
 def upstream_url(configured: str, client_query: MultiMapping[str]) -> str:
@@ -91,24 +88,45 @@ async def open_upstream(
         raise UpstreamUnreachable(f"upstream unreachable: {exc.strerror or exc}") from exc
 
 
+def _json_refusal(status: int, code: str, message: str) -> web.Response:
+    """A refusal by the proxy itself, shaped like the API's own HTTP errors."""
+    body = {"error": {"type": "invalid_request_error", "code": code, "message": message, "param": None}}
+    return web.json_response(body, status=status)
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
-    config = request.app[CONFIG]
+    state = request.app[STATE]
+    config = state.config
     if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
         return web.Response(
             status=426, text="this is a Realtime API WebSocket proxy: connect with a WebSocket client\n"
         )
-    conn_log = log.bind(conn=next(_connection_ids), path=request.path)
-    url = upstream_url(config.upstream.url, request.query)
-    headers = [(name, value) for name in FORWARDED_HEADERS for value in request.headers.getall(name, ())]
+    conn_log = log.bind(conn=secrets.token_hex(4), path=request.path)
+    if state.draining:
+        state.metrics.clients_refused.labels("503").inc()
+        return _json_refusal(503, "proxy_draining", "the proxy is shutting down; connect again")
     offered = offered_subprotocols(request)
+    refused = refusal(config, state.secrets, request.headers, offered)
+    if refused is not None:
+        status, message = refused
+        state.metrics.clients_refused.labels(str(status)).inc()
+        conn_log.info("client_refused", status=status, reason=message)
+        return _json_refusal(status, "proxy_unauthorized" if status == 401 else "proxy_forbidden", message)
+    url = upstream_url(config.upstream.url, request.query)
+    headers, protocols = upstream_credentials(config, state.secrets, request.headers, offered)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
-        upstream = await open_upstream(url, headers, offered, config)
+        upstream = await open_upstream(url, headers, protocols, config)
     except UpstreamRefused as exc:
+        state.metrics.upstream_failures.labels(str(exc.status)).inc()
         conn_log.info("upstream_refused", status=exc.status)
         return web.Response(status=exc.status, body=exc.body, headers=CIMultiDict(exc.headers))
     except UpstreamUnreachable as exc:
+        state.metrics.upstream_failures.labels("unreachable").inc()
         conn_log.warning("upstream_unreachable", reason=exc.reason)
         return web.Response(status=502, text=exc.reason + "\n")
+    state.metrics.upstream_connect_seconds.observe(loop.time() - started)
 
     selected = upstream.subprotocol
     ws = web.WebSocketResponse(
@@ -123,18 +141,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except BaseException:
         await upstream.close()
         raise
-    sockets = request.app[OPEN_SOCKETS]
-    sockets.add(ws)
-    relay = Relay(ws, upstream, config.session_config())
-    conn_log.info("connection_open")
+    state.sockets.add(ws)
+    state.idle.clear()
+    relay = Relay(ws, upstream, state.session_config, metrics=state.metrics, log=conn_log)
+    relay.log.info("connection_open", upstream_connect_ms=round((loop.time() - started) * 1000, 3))
     try:
         await relay.run()
     finally:
-        sockets.discard(ws)
+        state.sockets.discard(ws)
+        if not state.sockets:
+            state.idle.set()
         stats = relay.stats
-        conn_log.info(
+        relay.log.info(
             "connection_closed",
-            upstream_session=relay.session.upstream_session_id,
+            duration_s=round(loop.time() - started, 3),
             frames_up=stats.frames_up,
             frames_down=stats.frames_down,
             bytes_up=stats.bytes_up,
@@ -146,46 +166,129 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _close_sockets(app: web.Application) -> AsyncIterator[None]:
-    sockets: weakref.WeakSet[web.WebSocketResponse[bool]] = weakref.WeakSet()
-    app[OPEN_SOCKETS] = sockets
-    yield
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATE].draining:
+        return web.Response(status=503, text="draining\n")
+    return web.Response(text="ready\n")
+
+
+async def metrics_route(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[STATE].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class ServerState:
+    """Everything one proxy (one process) shares between its connections."""
+
+    def __init__(self, config: Config, secrets: Secrets) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.session_config = config.session_config()
+        self.metrics = Metrics()
+        self.draining = False
+        self.sockets: weakref.WeakSet[web.WebSocketResponse[bool]] = weakref.WeakSet()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
+STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """on_shutdown: aiohttp waits for open handlers after this, so open sessions must be told to end here."""
+    sockets = list(app[STATE].sockets)
     await asyncio.gather(
-        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"proxy shutting down") for ws in list(sockets)),
+        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"proxy shutting down") for ws in sockets),
         return_exceptions=True,
     )
 
 
-def create_app(config: Config) -> web.Application:
+def _add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_route)
+
+
+def create_app(state: ServerState, *, admin_routes: bool = True) -> web.Application:
     app = web.Application()
-    app[CONFIG] = config
-    app.cleanup_ctx.append(_close_sockets)
+    app[STATE] = state
+    app.on_shutdown.append(_close_sockets)
+    if admin_routes:
+        _add_admin_routes(app)
     app.router.add_route("GET", "/{tail:.*}", handle)
     return app
 
 
-class ProxyServer:
-    """The proxy on a real socket; for tests, the demo and the CLI. Port 0 picks a free port."""
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if not config.listen.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.listen.tls_cert_file, config.listen.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("listen.tls_cert_file", f"cannot load the certificate and key: {exc}") from exc
+    return context
 
-    def __init__(self, config: Config) -> None:
+
+class ProxyServer:
+    """The proxy on real sockets: for the CLI, tests and the demo. Port 0 picks a free port."""
+
+    def __init__(self, config: Config, secrets: Secrets | None = None, *, reuse_port: bool = False) -> None:
         self.config = config
-        self.app = create_app(config)
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        self.state = ServerState(config, secrets if secrets is not None else load_secrets(config))
+        self._ssl = _ssl_context(config)
+        self._reuse_port = reuse_port
+        admin_port = config.admin.port
+        self.app = create_app(self.state, admin_routes=admin_port == 0)
+        self._runners = [web.AppRunner(self.app, handle_signals=False, access_log=None)]
+        if admin_port:
+            admin = web.Application()
+            admin[STATE] = self.state
+            _add_admin_routes(admin)
+            self._runners.append(web.AppRunner(admin, handle_signals=False, access_log=None))
         self.port = 0
+        self.admin_port = 0
 
     async def start(self) -> int:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.listen.host, self.config.listen.port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        listen = self.config.listen
+        main, *admin = self._runners
+        await main.setup()
+        await web.TCPSite(
+            main, listen.host, listen.port, ssl_context=self._ssl, reuse_port=self._reuse_port or None
+        ).start()
+        self.port = int(main.addresses[0][1])
+        self.admin_port = self.port
+        for runner in admin:
+            await runner.setup()
+            await web.TCPSite(runner, listen.host, self.config.admin.port, reuse_port=self._reuse_port or None).start()
+            self.admin_port = int(runner.addresses[0][1])
+        warning = open_proxy_warning(self.config, self.state.secrets)
+        if warning:
+            log.warning("open_proxy", problem=warning)
         return self.port
 
     @property
     def url(self) -> str:
-        return f"ws://{self.config.listen.host}:{self.port}/v1/realtime"
+        scheme = "wss" if self._ssl else "ws"
+        return f"{scheme}://{self.config.listen.host}:{self.port}/v1/realtime"
+
+    async def drain(self, seconds: float) -> None:
+        """Refuse new sessions and report not-ready; give open sessions `seconds` to end on their own."""
+        self.state.draining = True
+        log.info("draining", open_sessions=len(self.state.sockets), drain_seconds=seconds)
+        try:
+            await asyncio.wait_for(self.state.idle.wait(), seconds)
+        except TimeoutError:
+            log.info("drain_timeout", closing_sessions=len(self.state.sockets))
 
     async def stop(self) -> None:
-        await self._runner.cleanup()
+        """Close what is still open with 1001 (going away), then the listeners."""
+        for runner in self._runners:
+            await runner.cleanup()
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()

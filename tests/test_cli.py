@@ -130,7 +130,7 @@ async def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         rest = await asyncio.wait_for(proc.stderr.read(), TIMEOUT_S)
         assert await asyncio.wait_for(proc.wait(), TIMEOUT_S) == 0
-        assert b"shutting_down" in rest
+        assert b"draining" in rest and b"stopped" in rest
         assert b"Traceback" not in rest
     finally:
         if proc.returncode is None:

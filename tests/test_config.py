@@ -9,7 +9,7 @@ from typing import Any, get_type_hints
 
 import pytest
 
-from proxy.config import Config, load_config
+from proxy.config import Config, config_from_dict, load_config
 from proxy.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +158,6 @@ def test_directory_instead_of_file_names_the_path(tmp_path: Path) -> None:
 # --- known gaps in proxy/config.py (reported, not fixed here): strict, so a fix flags the marker ---------
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="config.py: yarl's ValueError escapes _validate")
 def test_unparsable_url_names_the_key(tmp_path: Path) -> None:
     """An upstream.url that yarl cannot parse raises ConfigError naming upstream.url, not a ValueError."""
     with pytest.raises(ConfigError) as info:
@@ -166,7 +165,6 @@ def test_unparsable_url_names_the_key(tmp_path: Path) -> None:
     assert info.value.key == "upstream.url"
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError, reason="config.py: only OSError is caught on read")
 def test_non_utf8_file_names_the_file(tmp_path: Path) -> None:
     """A file that is not UTF-8 raises ConfigError naming the file, not a UnicodeDecodeError."""
     path = tmp_path / "config.toml"
@@ -176,9 +174,42 @@ def test_non_utf8_file_names_the_file(tmp_path: Path) -> None:
     assert info.value.key == str(path)
 
 
-@pytest.mark.xfail(strict=True, reason="config.py: `nan <= 0` is False, so nan passes the range check")
 def test_nan_timeout_names_the_key(tmp_path: Path) -> None:
     """reset.timeout_seconds = nan is refused with ConfigError naming reset.timeout_seconds."""
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, "[reset]\ntimeout_seconds = nan\n"))
     assert info.value.key == "reset.timeout_seconds"
+
+
+def test_empty_listen_host_names_the_key() -> None:
+    """An empty listen.host is refused (aiohttp would silently listen on every interface)."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"listen": {"host": " "}})
+    assert info.value.key == "listen.host"
+
+
+@pytest.mark.parametrize("key", ["event_types", "checkpoint_event_types"])
+def test_synthetic_types_may_not_shadow_real_client_events(key: str) -> None:
+    """A synthetic event type that is a real API client event (response.create) is refused, naming the key."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"reset": {key: ["response.create"]}})
+    assert info.value.key == f"reset.{key}" and "response.create" in str(info.value)
+
+
+def test_tls_needs_both_files_and_existing_ones(tmp_path: Path) -> None:
+    """TLS needs both a certificate and a key, and both must exist; the message names the key."""
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"listen": {"tls_cert_file": str(cert)}})
+    assert info.value.key == "listen.tls_key_file"
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"listen": {"tls_cert_file": str(cert), "tls_key_file": str(tmp_path / "missing.pem")}})
+    assert info.value.key == "listen.tls_key_file"
+
+
+def test_workers_need_a_fixed_port() -> None:
+    """Several workers on port 0 would each pick a different port: refused, naming listen.workers."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"listen": {"workers": 2, "port": 0}})
+    assert info.value.key == "listen.workers"

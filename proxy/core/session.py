@@ -102,7 +102,27 @@ class EventsRejected:
     count: int
 
 
-Notice = ResetFinished | EventsRejected
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A notice: token usage reported by a `response.done`."""
+
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSession:
+    """A notice: the upstream named its session (`session.created`); every later log line carries it."""
+
+    session_id: str
+
+
+Notice = ResetFinished | EventsRejected | Usage | UpstreamSession
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 class Session:
@@ -118,6 +138,7 @@ class Session:
         self.notices: list[Notice] = []
         self._held: deque[Frame] = deque()
         self._held_bytes = 0
+        self.held_total = 0
         self._seq = 0
         self._ids = 0
         # Commands sent for resets, by our event id, kept until answered (even after a timeout, so a late
@@ -197,6 +218,7 @@ class Session:
             return
         self._held.append(data)
         self._held_bytes += len(data)
+        self.held_total += 1
 
     def _release(self) -> None:
         while self._held and self.reset is None:
@@ -383,6 +405,8 @@ class Session:
             session = event.get("session")
             if isinstance(session, dict):
                 self.upstream_session_id = str_or_none(session.get("id"))
+                if self.upstream_session_id is not None:
+                    self.notices.append(UpstreamSession(self.upstream_session_id))
         self.conversation.on_server_event(etype, event)
         if not internal or self.config.forward_internal_events:
             self._to_client.append(data)
@@ -432,6 +456,11 @@ class Session:
         response = event.get("response")
         if not isinstance(response, dict):
             return
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            details = usage.get("input_token_details")
+            cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+            self.notices.append(Usage(_int(usage.get("input_tokens")), _int(cached), _int(usage.get("output_tokens"))))
         rid = str_or_none(response.get("id"))
         if rid is None:
             return
