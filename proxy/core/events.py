@@ -7,6 +7,7 @@ the events the proxy itself sends, upstream (cancel, clear, delete) and to the c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,6 +53,57 @@ CODE_COMMIT_EMPTY = "input_audio_buffer_commit_empty"
 CODE_INVALID_RESET = "invalid_session_reset"
 CODE_RESET_TIMEOUT = "session_reset_timeout"
 CODE_HELD_OVERFLOW = "held_events_overflow"
+
+
+# The fast path: most frames are audio (appends up, deltas down) that the core only forwards. Their type can
+# be read off the front without parsing the whole frame when that provably gives what a full parse gives: the
+# frame starts with a literal `{"type":"<plain name>"` (servers and SDKs put `type` first, sometimes after a
+# plain `event_id`), and no other `"type"` key nor any backslash escape (which could spell `"type"` as
+# `"\u0074ype"`) appears later that a parser could take as the type instead.
+_WS = r"[ \t\r\n]*"
+_PREFIX = (
+    _WS
+    + r"\{"
+    + _WS
+    + r'(?:"event_id"'
+    + _WS
+    + ":"
+    + _WS
+    + r'"[A-Za-z0-9_\-]{0,64}"'
+    + _WS
+    + ","
+    + _WS
+    + ")?"
+    + r'"type"'
+    + _WS
+    + ":"
+    + _WS
+    + r'"([a-z0-9_.]{1,64})"'
+)
+_TYPE_PREFIX_S = re.compile(_PREFIX)
+_TYPE_PREFIX_B = re.compile(_PREFIX.encode())
+
+
+def sniff_type(data: bytes | str) -> str | None:
+    """The event type when it can be read without a full parse and equals what a full parse gives, else None.
+
+    None means "parse it": it never means the frame has no type.
+    """
+    if isinstance(data, str):
+        m = _TYPE_PREFIX_S.match(data)
+        if m is None:
+            return None
+        end = m.end()
+        if data.find('"type"', end) != -1 or data.find("\\", end) != -1:
+            return None
+        return m.group(1)
+    mb = _TYPE_PREFIX_B.match(data)
+    if mb is None:
+        return None
+    end = mb.end()
+    if data.find(b'"type"', end) != -1 or data.find(b"\\", end) != -1:
+        return None
+    return mb.group(1).decode("ascii")
 
 
 def decode(data: bytes | str) -> Event | None:

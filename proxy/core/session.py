@@ -30,6 +30,7 @@ from proxy.core.events import (
     AUDIO_CLEAR,
     AUDIO_CLEARED,
     AUDIO_COMMIT,
+    AUDIO_COMMITTED,
     CHECKPOINT_CREATED,
     CHECKPOINT_TYPES,
     CODE_CANCEL_NOT_ACTIVE,
@@ -41,9 +42,12 @@ from proxy.core.events import (
     ITEM_CREATE,
     ITEM_DELETE,
     ITEM_DELETED,
+    ITEM_EVENTS,
+    OUTPUT_ITEM_ADDED,
     RESET_COMPLETED,
     RESET_TYPES,
     RESPONSE_CREATE,
+    RESPONSE_CREATED,
     RESPONSE_DONE,
     SESSION_CREATED,
     Event,
@@ -56,6 +60,7 @@ from proxy.core.events import (
     inner_error,
     parse_checkpoint,
     parse_reset,
+    sniff_type,
     str_or_none,
 )
 from proxy.core.reset import Command, Reset
@@ -70,6 +75,21 @@ class Binary(bytes):
 Frame = bytes | str  # text frames as bytes (UTF-8) or str; Binary for binary frames
 
 _TRACKED_CLIENT_EVENTS = frozenset({RESPONSE_CREATE, ITEM_CREATE, AUDIO_COMMIT})
+_CLIENT_INTERESTING = _TRACKED_CLIENT_EVENTS | {ITEM_DELETE, AUDIO_CLEAR}
+# Upstream events that change what the core tracks; every other type is forwarded unread.
+_UPSTREAM_INTERESTING = frozenset(
+    {
+        *ITEM_EVENTS,
+        ITEM_DELETED,
+        AUDIO_COMMITTED,
+        AUDIO_CLEARED,
+        RESPONSE_CREATED,
+        RESPONSE_DONE,
+        OUTPUT_ITEM_ADDED,
+        SESSION_CREATED,
+        ERROR,
+    }
+)
 _QUOTED_ID = re.compile(r"'([^']{1,256})'")
 _RECENT_CANCELS = 64
 
@@ -153,6 +173,7 @@ class Session:
         self._client_deletes: dict[str, list[str | None]] = {}  # item id → client event ids, oldest first
         self._client_delete_ids: dict[str, str] = {}  # client event id → item id
         self._client_clears = 0
+        self._client_interesting = _CLIENT_INTERESTING | self.config.reset_types | self.config.checkpoint_types
 
     # --- output -----------------------------------------------------------------------------------
 
@@ -229,6 +250,10 @@ class Session:
     def _client_now(self, data: Frame) -> None:
         if isinstance(data, Binary):
             self._to_upstream.append(data)
+            return
+        sniffed = sniff_type(data)
+        if sniffed is not None and sniffed not in self._client_interesting:
+            self._to_upstream.append(data)  # an append or the like: nothing to read in it
             return
         event = decode(data)
         etype = event.get("type") if event is not None else None
@@ -386,6 +411,10 @@ class Session:
     def upstream_frame(self, data: Frame) -> None:
         if isinstance(data, Binary):
             self._to_client.append(data)
+            return
+        sniffed = sniff_type(data)
+        if sniffed is not None and sniffed not in _UPSTREAM_INTERESTING:
+            self._to_client.append(data)  # a delta or the like: it changes nothing we track
             return
         event = decode(data)
         etype = event.get("type") if event is not None else None

@@ -1,0 +1,121 @@
+"""The fast path reads an event's type off the front of a frame; it must agree with a full parse, always."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.core import events
+from proxy.core.events import decode, sniff_type
+from proxy.core.session import Session
+
+TYPES = [
+    "input_audio_buffer.append",
+    "response.output_audio.delta",
+    "session.reset",
+    "conversation.item.created",
+    "conversation.item.deleted",
+    "error",
+    "response.done",
+    "session.checkpoint",
+    "x",
+]
+names = st.sampled_from(["type", "event_id", "audio", "delta", "item", "typ", "types", "Type", "t\u00fcpe"])
+texts = st.text(max_size=12) | st.sampled_from(TYPES) | st.sampled_from(['"type"', "\\u0074ype", '\\"', "\\"])
+leaves = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | texts
+values = st.recursive(
+    leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(names, inner, max_size=3), max_leaves=8
+)
+
+
+@st.composite
+def event_objects(draw: st.DrawFn) -> dict[str, Any]:
+    obj: dict[str, Any] = draw(st.dictionaries(names, values, max_size=5))
+    if draw(st.booleans()):
+        position = draw(st.integers(0, len(obj)))
+        items = list(obj.items())
+        items.insert(position, ("type", draw(st.sampled_from(TYPES) | texts)))
+        obj = dict(items)
+    return obj
+
+
+def serialise(obj: dict[str, Any], style: int) -> bytes:
+    if style == 0:
+        return orjson.dumps(obj)
+    if style == 1:
+        return json.dumps(obj, ensure_ascii=True).encode()
+    if style == 2:
+        return json.dumps(obj, ensure_ascii=False, indent=1).encode()
+    return json.dumps(obj, separators=(" , ", " : ")).encode()
+
+
+def agrees(frame: bytes | str) -> None:
+    sniffed = sniff_type(frame)
+    if sniffed is None:
+        return
+    parsed = decode(frame)
+    # A frame the parser rejects is forwarded untouched either way; one it accepts must have that type.
+    assert parsed is None or parsed.get("type") == sniffed, (frame, sniffed, parsed)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(event_objects(), st.integers(0, 3))
+def test_sniffed_type_equals_the_parsed_type(obj: dict[str, Any], style: int) -> None:
+    """For any object in any formatting (bytes and str), a sniffed type is the type a full parse finds."""
+    frame = serialise(obj, style)
+    agrees(frame)
+    agrees(frame.decode())
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=80), st.sampled_from(TYPES))
+def test_arbitrary_bytes_after_a_type_prefix_never_fool_it(tail: bytes, etype: str) -> None:
+    """Garbage after a well-formed prefix never yields a type other than the one a parser would take."""
+    agrees(b'{"type":"' + etype.encode() + b'"' + tail)
+
+
+def test_duplicate_and_escaped_type_keys_fall_back_to_a_full_parse() -> None:
+    """A second `type` key, or an escape that could spell one, makes the fast path step aside."""
+    assert sniff_type(b'{"type":"input_audio_buffer.append","type":"session.reset"}') is None
+    assert sniff_type(b'{"type":"input_audio_buffer.append","\\u0074ype":"session.reset"}') is None
+    assert sniff_type('{"type":"input_audio_buffer.append","audio":"\\"type\\""}') is None
+    assert sniff_type(b'{"item":{"type":"message"},"type":"x"}') is None
+    assert sniff_type(b'  {"event_id":"e_1", "type" :"response.output_audio.delta","delta":"AAA="}') == (
+        "response.output_audio.delta"
+    )
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(event_objects(), st.integers(0, 3), st.booleans()), max_size=12))
+def test_session_decisions_do_not_depend_on_the_fast_path(frames: list[tuple[dict[str, Any], int, bool]]) -> None:
+    """A session with the fast path and one with it turned off send exactly the same frames both ways."""
+
+    def run(fast: bool) -> tuple[list[Any], list[Any]]:
+        original = events.sniff_type
+        session = Session(clock=lambda: 0.0)
+        import proxy.core.session as session_module
+
+        session_module.sniff_type = original if fast else (lambda data: None)  # type: ignore[assignment]
+        try:
+            for obj, style, upstream in frames:
+                frame = serialise(obj, style)
+                (session.upstream_frame if upstream else session.client_frame)(frame)
+            up, down = session.data_to_send()
+        finally:
+            session_module.sniff_type = original
+        # Frames the proxy made carry fresh event ids; compare them without those.
+        return [_strip(f) for f in up], [_strip(f) for f in down]
+
+    assert run(True) == run(False)
+
+
+def _strip(frame: bytes | str) -> Any:
+    parsed = decode(frame)
+    if parsed is not None and str(parsed.get("event_id", "")).startswith("rrp_"):
+        parsed.pop("event_id")
+        return parsed
+    return frame
