@@ -91,6 +91,23 @@ class Play:
     def response_done(self, rid: str, status: str = "completed") -> tuple[list[Event], list[Event]]:
         return self.upstream({"type": "response.done", "response": {"id": rid, "status": status, "output": []}})
 
+    def error(
+        self,
+        code: str | None,
+        event_id: str | None = None,
+        message: str = "",
+        error_type: str = "invalid_request_error",
+    ) -> tuple[list[Event], list[Event]]:
+        """Feed an upstream `error`; `event_id` is the client event it names (None: the server left it null)."""
+        error = {"type": error_type, "code": code, "message": message, "param": None, "event_id": event_id}
+        return self.upstream({"type": "error", "event_id": "ev_err", "error": error})
+
+    def output_item(self, rid: str, item_id: str) -> tuple[list[Event], list[Event]]:
+        """Feed `response.output_item.added`: response `rid` announces its output item `item_id`."""
+        return self.upstream(
+            {"type": "response.output_item.added", "response_id": rid, "item": {"id": item_id, "type": "message"}}
+        )
+
 
 def types(events: list[Event]) -> list[str]:
     return [e["type"] for e in events]
