@@ -84,10 +84,10 @@ class Conversation:
             return False
         self._answer_item_create(item_id)
         self.pending_items.discard(item_id)
-        if not placed or (previous_item_id is not None and previous_item_id not in self._present):
-            self.item_ids.append(item_id)
-        elif previous_item_id is None or previous_item_id == "root":
+        if placed and (previous_item_id is None or previous_item_id == "root"):
             self.item_ids.insert(0, item_id)
+        elif not placed or previous_item_id not in self._present:
+            self.item_ids.append(item_id)
         else:
             self.item_ids.insert(self.item_ids.index(previous_item_id) + 1, item_id)
         self._present.add(item_id)

@@ -15,7 +15,7 @@ session does that and tells the reset through the conversation model and `answer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -56,13 +56,13 @@ class Reset:
     def plan(
         self,
         conv: Conversation,
-        deletes_elsewhere: Collection[str],
+        deletes_elsewhere: Container[str],
         send: Callable[[str, str | None], None],
     ) -> bool:
         """Send what the state calls for now (through `send(kind, target)`); True when the reset is done.
 
-        `deletes_elsewhere` are items somebody else's delete is already on its way for (the client's, sent
-        before the reset began): the reset waits for them to go instead of deleting them twice.
+        `deletes_elsewhere` are items a delete is already on its way for (the client's, sent before the reset
+        began, or ours from a reset that timed out): the reset waits for them to go instead of deleting twice.
         """
         if self.phase is Phase.QUIETING:
             if self.request.cancel_response:

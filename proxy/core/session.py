@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,6 +94,18 @@ _QUOTED_ID = re.compile(r"'([^']{1,256})'")
 _RECENT_CANCELS = 64
 
 
+class _AnyOf:
+    """`key in x` for a key of any of several mappings, without building a merged copy."""
+
+    __slots__ = ("_maps",)
+
+    def __init__(self, *maps: Mapping[str, object]) -> None:
+        self._maps = maps
+
+    def __contains__(self, key: object) -> bool:
+        return any(key in m for m in self._maps)
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     reset_types: frozenset[str] = frozenset(RESET_TYPES)
@@ -158,6 +170,7 @@ class Session:
         self.notices: list[Notice] = []
         self._held: deque[Frame] = deque()
         self._held_bytes = 0
+        self._releasing = False
         self.held_total = 0
         self._seq = 0
         self._ids = 0
@@ -242,10 +255,18 @@ class Session:
         self.held_total += 1
 
     def _release(self) -> None:
-        while self._held and self.reset is None:
-            data = self._held.popleft()
-            self._held_bytes -= len(data)
-            self._client_now(data)
+        # Iterative, not recursive: a held reset that completes at once finishes inside this loop, and a
+        # nested release would add a stack frame per such reset (a client could exhaust the stack).
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self._held and self.reset is None:
+                data = self._held.popleft()
+                self._held_bytes -= len(data)
+                self._client_now(data)
+        finally:
+            self._releasing = False
 
     def _client_now(self, data: Frame) -> None:
         if isinstance(data, Binary):
@@ -360,7 +381,10 @@ class Session:
         reset = self.reset
         if reset is None:
             return
-        if not reset.plan(self.conversation, self._client_deletes, self._send_command):
+        # Deletes already on their way (the client's, or ours from a reset that timed out) are waited for,
+        # never sent twice: two answers for one item could not be told apart.
+        in_flight = _AnyOf(self._client_deletes, self._deletes)
+        if not reset.plan(self.conversation, in_flight, self._send_command):
             return
         self._to_client.append(
             encode(
@@ -451,7 +475,8 @@ class Session:
             self._client_delete_done(item_id, None)
             return False
         cmd = self._commands.pop(event_id)
-        if self.reset is not None and self.reset.seq == cmd.reset_seq:
+        if self.reset is not None and item_id not in self.reset.keep:
+            # Confirmed while this reset runs, even if an earlier (timed-out) reset sent the delete.
             self.reset.deleted.append(item_id)
         self._answered(event_id, cmd)
         return True
@@ -523,7 +548,9 @@ class Session:
             return False
         # No event id: the server left it null. Attribute by code and by the id quoted in the message.
         message = err.get("message")
-        if code == CODE_UNKNOWN_ITEM or (isinstance(message, str) and "does not exist" in message):
+        # The wording alone is evidence only when no other code says what failed: a refused create reads
+        # "the previous item with id 'x' does not exist" too.
+        if code == CODE_UNKNOWN_ITEM or (code is None and isinstance(message, str) and "does not exist" in message):
             match = _QUOTED_ID.search(message) if isinstance(message, str) else None
             item_id = match.group(1) if match else None
             if item_id is None:

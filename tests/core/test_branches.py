@@ -410,13 +410,6 @@ def test_guard_a_clear_failure_for_a_clear_no_longer_queued_only_answers_it() ->
 # --- suspected bugs -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="session.py _release -> _client_now -> _start_reset -> _advance -> _finish -> _release recurses once "
-    "per held reset that completes at once; a few hundred held no-op resets (well under max_held_events) raise "
-    "RecursionError out of upstream_frame",
-)
 def test_many_held_resets_that_complete_at_once_are_all_answered() -> None:
     """Held resets with nothing to do each complete in turn when released, however many there are."""
     s = Session()
@@ -433,12 +426,6 @@ def test_many_held_resets_that_complete_at_once_are_all_answered() -> None:
     assert [e["reset_event_id"] for e in events[1:]] == [f"r{i}" for i in range(n)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.py _on_error: for a null event id, 'does not exist' in the message wins over the code, so "
-    "item_create_invalid_previous_item_id ('...the previous item with id 'x' does not exist.') never reaches "
-    "client_event_failed; the create stays 'on its way' forever and the reset (and every later one) times out",
-)
 def test_a_refused_create_with_null_event_id_and_the_servers_wording_ends_the_wait() -> None:
     """A create refused for an unknown previous item (server wording, null event id) no longer holds a reset back."""
     p = Play()
@@ -458,12 +445,6 @@ def test_a_refused_create_with_null_event_id_and_the_servers_wording_ends_the_wa
     assert not p.session.conversation.items_on_their_way
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.py _send_command: a reset re-sends a delete for an item whose delete from a timed-out reset "
-    "is still unanswered, and _deletes keeps only the newest; the first answer is taken for the new delete, the "
-    "second (an unknown-item error naming our rrp_ id) is forwarded to the client, and the old command leaks",
-)
 @pytest.mark.parametrize("null_event_id", [False, True])
 def test_a_reset_after_a_timeout_never_shows_the_client_an_answer_to_our_own_delete(null_event_id: bool) -> None:
     """Answers to deletes of a timed-out reset and of the next one both stay hidden, and none stays pending."""

@@ -60,11 +60,6 @@ def test_removing_an_announced_item_drops_the_announcement() -> None:
     assert conv.pending_items == set() and not conv.items_on_their_way and conv.item_ids == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='conversation.py add(): an unknown previous_item_id is tested first, and "root" is never an item id, '
-    'so the `previous_item_id == "root"` branch is dead and a "root" item is appended last instead of first',
-)
 def test_previous_item_id_root_places_the_item_first() -> None:
     """`previous_item_id: "root"` (insert at the start) puts the item first, like null does."""
     conv = Conversation()
