@@ -1,9 +1,12 @@
 # syntax=docker/dockerfile:1
-# realtime-reset-proxy, first image.
+# realtime-reset-proxy: the proxy, ready to run as a sidecar.
 #
 #   docker build -t realtime-reset-proxy .
 #   docker run --rm -p 8765:8765 realtime-reset-proxy
 #   docker run --rm -p 8765:8765 -v "$PWD/config.toml:/etc/realtime-reset-proxy/config.toml:ro" realtime-reset-proxy
+#   docker stop -t 40 <container>        # longer than [listen] drain_seconds, see STOPSIGNAL below
+#
+# examples/ has a docker-compose file and a Kubernetes Deployment running it beside an app.
 #
 # Two stages: the builder makes wheels (the project's and every dependency's); the final image installs them
 # into a venv with no index, no source tree and no compiler, and runs as a non-root user.
@@ -50,11 +53,20 @@ COPY --from=builder /config.toml /etc/realtime-reset-proxy/config.toml
 
 USER 10001:10001
 EXPOSE 8765
-# The proxy handles SIGTERM (and SIGINT): it stops listening and exits 0. Draining open connections before
-# exit is planned; until then `docker stop` may reach its grace period while a session is still open.
+
+# On SIGTERM the proxy drains: /readyz turns 503, new sessions get 503, open sessions get `[listen] drain_seconds`
+# (default 30) to end on their own, then the rest are closed with 1001 and it exits 0. The engine's grace period
+# must outlast the drain or SIGKILL cuts the calls: `docker stop -t 40`, compose `stop_grace_period: 40s`,
+# Kubernetes `terminationGracePeriodSeconds: 45` (docker's default is 10 s). A second SIGTERM/SIGINT ends the
+# drain at once.
 STOPSIGNAL SIGTERM
-# HEALTHCHECK: none yet. It comes with the sidecar issue that adds GET /healthz (planned); until then any
-# plain HTTP GET is answered with 426, which says the process is up but is not a health signal.
+
+# /healthz answers 200 while the process serves (draining included, so a drain is not "unhealthy"); python
+# instead of curl, which the slim base does not have. urlopen raises on a refused connection or a non-2xx.
+# The URL must match the config: 8765 is `[listen] port` of the config above. With `[admin] port` set, use that
+# port; with TLS on, https:// (and a context that trusts the certificate). Change this line with them.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8765/healthz', timeout=2)"]
 
 ENTRYPOINT ["realtime-reset-proxy"]
 CMD ["--config", "/etc/realtime-reset-proxy/config.toml"]

