@@ -1,22 +1,20 @@
 """Per connection: two pumps around a core session, a reset timer, and the close handshake both ways.
 
-The client side is an aiohttp ``WebSocketResponse`` (TEXT frames arrive as bytes: ``decode_text=False``);
-the upstream side is a ``websockets`` client connection. Every frame goes into the core session, and what the
+Both sides are aiohttp WebSockets (the client's a ``WebSocketResponse``, the upstream's a
+``ClientWebSocketResponse``), both with ``decode_text=False``: a TEXT frame arrives as bytes and leaves as the
+same bytes (``send_frame``), never decoded or re-encoded. Every frame goes into the core session, and what the
 session hands back is written out under a per-direction lock, so two pumps never interleave a direction's
-frames. Writes await the peer's drain: a slow reader slows its source (TCP back-pressure), nothing piles up.
+frames. Writes await the peer's drain: a slow reader slows its source (TCP back-pressure); nothing piles up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from dataclasses import dataclass
 
 import structlog
-from aiohttp import WSCloseCode, WSMsgType, web
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 
 from proxy.core.session import (
     Binary,
@@ -64,7 +62,7 @@ class Relay:
     def __init__(
         self,
         client: web.WebSocketResponse,
-        upstream: ClientConnection,
+        upstream: ClientWebSocketResponse[bool],
         config: SessionConfig,
         metrics: Metrics | None = None,
         log: structlog.stdlib.BoundLogger | None = None,
@@ -83,7 +81,7 @@ class Relay:
         self._down_lock = asyncio.Lock()
         self._deadline_changed = asyncio.Event()
         self._armed: float | None = None
-        self._started = time.monotonic()
+        self._upstream_close: tuple[int | None, str] | None = None
 
     async def run(self) -> None:
         """Relay until either side closes; then close the other with a code that says why, and clean up."""
@@ -106,7 +104,8 @@ class Relay:
             await asyncio.gather(client_pump, upstream_pump, timer, return_exceptions=True)
             if not self.client.closed:
                 await self.client.close(code=WSCloseCode.GOING_AWAY)
-            await self.upstream.close()
+            if not self.upstream.closed:
+                await self.upstream.close()
             if self.metrics is not None:
                 self.metrics.closed(self)
 
@@ -115,13 +114,16 @@ class Relay:
     async def _client_pump(self) -> None:
         session = self.session
         stats = self.stats
-        async for msg in self.client:
-            if msg.type is WSMsgType.TEXT:
+        receive = self.client.receive
+        while True:
+            msg = await receive()
+            kind = msg.type
+            if kind is WSMsgType.TEXT:
                 data: Frame = msg.data
-            elif msg.type is WSMsgType.BINARY:
+            elif kind is WSMsgType.BINARY:
                 data = Binary(msg.data)
-            else:  # ERROR (e.g. a frame over max_msg_size: aiohttp closes with 1009) or close frames
-                break
+            else:  # CLOSE, CLOSED, or ERROR (e.g. a frame over max_msg_size: aiohttp closes with 1009)
+                return
             stats.frames_up += 1
             stats.bytes_up += len(data)
             session.client_frame(data)
@@ -130,15 +132,22 @@ class Relay:
     async def _upstream_pump(self) -> None:
         session = self.session
         stats = self.stats
-        try:
-            async for message in self.upstream:
-                data: Frame = message if isinstance(message, str) else Binary(message)
-                stats.frames_down += 1
-                stats.bytes_down += len(data)
-                session.upstream_frame(data)
-                await self._flush()
-        except ConnectionClosed:
-            pass  # a close without a clean handshake: the code is read in _close_client
+        receive = self.upstream.receive
+        while True:
+            msg = await receive()
+            kind = msg.type
+            if kind is WSMsgType.TEXT:
+                data: Frame = msg.data
+            elif kind is WSMsgType.BINARY:
+                data = Binary(msg.data)
+            else:
+                if kind is WSMsgType.CLOSE:  # the upstream's own close: its code and reason go to the client
+                    self._upstream_close = (msg.data, msg.extra or "")
+                return
+            stats.frames_down += 1
+            stats.bytes_down += len(data)
+            session.upstream_frame(data)
+            await self._flush()
 
     async def _timer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -163,20 +172,10 @@ class Relay:
             self._deadline_changed.set()
         if session.pending_upstream:
             async with self._up_lock:
-                for frame in session.take_upstream():
-                    if isinstance(frame, Binary):
-                        await self.upstream.send(bytes(frame), text=False)
-                    else:
-                        await self.upstream.send(frame, text=True)
+                await _send_all(self.upstream, session.take_upstream())
         if session.pending_client:
             async with self._down_lock:
-                for frame in session.take_client():
-                    if isinstance(frame, Binary):
-                        await self.client.send_bytes(bytes(frame))
-                    elif isinstance(frame, str):
-                        await self.client.send_str(frame)
-                    else:
-                        await self.client.send_frame(frame, WSMsgType.TEXT)
+                await _send_all(self.client, session.take_client())
         if session.notices:
             self._note(session.take_notices())
 
@@ -225,9 +224,9 @@ class Relay:
 
     async def _close_client(self) -> None:
         """The upstream closed: pass its code and reason on (1011 stays 1011), or 1014 if it just vanished."""
-        rcvd = self.upstream.protocol.close_rcvd
-        code = rcvd.code if rcvd is not None else None
-        reason = rcvd.reason if rcvd is not None else "upstream connection lost"
+        # Without a close frame from the upstream (it vanished, or broke a limit), aiohttp's own code is not the
+        # upstream's word: the client learns the gateway lost its upstream.
+        code, reason = self._upstream_close or (None, "upstream connection lost")
         self.stats.upstream_close_code = code
         if not self.client.closed:
             await self.client.close(code=sendable(code, BAD_GATEWAY), message=reason.encode()[:123])
@@ -237,4 +236,14 @@ class Relay:
         code = self.client.close_code
         self.stats.client_close_code = code
         # A client that vanished without a close frame is "going away" as far as the upstream is concerned.
-        await self.upstream.close(code=sendable(code, 1001), reason="client closed")
+        await self.upstream.close(code=sendable(code, 1001), message=b"client closed")
+
+
+async def _send_all(ws: web.WebSocketResponse[bool] | ClientWebSocketResponse[bool], frames: list[Frame]) -> None:
+    for frame in frames:
+        if isinstance(frame, Binary):
+            await ws.send_frame(frame, WSMsgType.BINARY)
+        elif isinstance(frame, str):
+            await ws.send_frame(frame.encode(), WSMsgType.TEXT)
+        else:
+            await ws.send_frame(frame, WSMsgType.TEXT)

@@ -11,16 +11,12 @@ import asyncio
 import secrets
 import ssl
 import weakref
-from collections.abc import Sequence
-from typing import cast
 
+import aiohttp
 import structlog
 from aiohttp import WSCloseCode, hdrs, web
 from multidict import CIMultiDict, MultiDict, MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.typing import Subprotocol
 from yarl import URL
 
 from proxy.auth import Secrets, load_secrets, open_proxy_warning, refusal, upstream_credentials
@@ -28,12 +24,10 @@ from proxy.config import Config
 from proxy.core.errors import ConfigError, UpstreamRefused, UpstreamUnreachable
 from proxy.metrics import Metrics
 from proxy.relay import Relay
+from proxy.upstream import client_session as upstream_client_session
+from proxy.upstream import open_upstream
 
 log = structlog.get_logger("proxy.server")
-
-# What of an upstream refusal is worth passing on with its status and body.
-REFUSAL_HEADERS = ("Content-Type", "Retry-After", "x-request-id", "openai-organization", "openai-processing-ms")
-_REFUSAL_LOWER = {h.lower() for h in REFUSAL_HEADERS}
 
 
 def upstream_url(configured: str, client_query: MultiMapping[str]) -> str:
@@ -54,38 +48,6 @@ def offered_subprotocols(request: web.Request) -> list[str]:
     return [
         p.strip() for v in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ()) for p in v.split(",") if p.strip()
     ]
-
-
-async def open_upstream(
-    url: str, headers: Sequence[tuple[str, str]], subprotocols: Sequence[str], config: Config
-) -> ClientConnection:
-    """Dial the upstream; raises UpstreamRefused or UpstreamUnreachable (never anything else on failure)."""
-    try:
-        return await connect(
-            url,
-            additional_headers=list(headers),
-            subprotocols=[cast(Subprotocol, p) for p in subprotocols] or None,
-            max_size=config.limits.max_message_bytes,
-            # The official SDK turns compression off too: audio is base64 of noise-like data, and the CPU and
-            # latency cost on every frame would be ours.
-            compression=None,
-            open_timeout=config.upstream.connect_timeout_seconds,
-            user_agent_header=None,
-        )
-    except InvalidStatus as exc:
-        response = exc.response
-        keep = [(k, v) for k, v in response.headers.raw_items() if k.lower() in _REFUSAL_LOWER]
-        raise UpstreamRefused(response.status_code, keep, bytes(response.body or b"")) from exc
-    except InvalidURI as exc:
-        raise UpstreamUnreachable(f"upstream URL is invalid: {exc}") from exc
-    except InvalidHandshake as exc:
-        raise UpstreamUnreachable(f"upstream handshake failed: {exc}") from exc
-    except TimeoutError as exc:
-        raise UpstreamUnreachable(
-            f"upstream did not answer within {config.upstream.connect_timeout_seconds:g} s"
-        ) from exc
-    except OSError as exc:
-        raise UpstreamUnreachable(f"upstream unreachable: {exc.strerror or exc}") from exc
 
 
 def _json_refusal(status: int, code: str, message: str) -> web.Response:
@@ -117,7 +79,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        upstream = await open_upstream(url, headers, protocols, config)
+        upstream = await open_upstream(
+            state.client_session(),
+            url,
+            headers,
+            protocols,
+            max_message_bytes=config.limits.max_message_bytes,
+            connect_timeout=config.upstream.connect_timeout_seconds,
+        )
     except UpstreamRefused as exc:
         state.metrics.upstream_failures.labels(str(exc.status)).inc()
         conn_log.info("upstream_refused", status=exc.status)
@@ -128,7 +97,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return web.Response(status=502, text=exc.reason + "\n")
     state.metrics.upstream_connect_seconds.observe(loop.time() - started)
 
-    selected = upstream.subprotocol
+    selected = upstream.protocol
     ws = web.WebSocketResponse(
         protocols=(selected,) if selected else (),
         max_msg_size=config.limits.max_message_bytes,
@@ -139,7 +108,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         await ws.prepare(request)
     except BaseException:
-        await upstream.close()
+        await upstream.close(code=WSCloseCode.GOING_AWAY)
         raise
     state.sockets.add(ws)
     state.idle.clear()
@@ -193,6 +162,17 @@ class ServerState:
         self.sockets: weakref.WeakSet[web.WebSocketResponse[bool]] = weakref.WeakSet()
         self.idle = asyncio.Event()
         self.idle.set()
+        self._client_session: aiohttp.ClientSession | None = None
+
+    def client_session(self) -> aiohttp.ClientSession:
+        """The aiohttp client session upstream dials use (made on first use: it needs the running loop)."""
+        if self._client_session is None:
+            self._client_session = upstream_client_session()
+        return self._client_session
+
+    async def close(self) -> None:
+        if self._client_session is not None:
+            await self._client_session.close()
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
@@ -289,6 +269,7 @@ class ProxyServer:
         """Close what is still open with 1001 (going away), then the listeners."""
         for runner in self._runners:
             await runner.cleanup()
+        await self.state.close()
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()
