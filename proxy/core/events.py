@@ -84,6 +84,9 @@ _TYPE_PREFIX_S = re.compile(_PREFIX)
 _TYPE_PREFIX_B = re.compile(_PREFIX.encode())
 
 
+_MAX_QUOTES = 64  # past this many later quotes the frame is not an audio frame: a full parse is as cheap
+
+
 def sniff_type(data: bytes | str) -> str | None:
     """The event type when it can be read without a full parse and equals what a full parse gives, else None.
 
@@ -91,19 +94,31 @@ def sniff_type(data: bytes | str) -> str | None:
     """
     if isinstance(data, str):
         m = _TYPE_PREFIX_S.match(data)
-        if m is None:
-            return None
-        end = m.end()
-        if data.find('"type"', end) != -1 or data.find("\\", end) != -1:
+        if m is None or data.find("\\", m.end()) != -1 or _later_type_key(data.encode(), m.end()):
             return None
         return m.group(1)
     mb = _TYPE_PREFIX_B.match(data)
-    if mb is None:
-        return None
-    end = mb.end()
-    if data.find(b'"type"', end) != -1 or data.find(b"\\", end) != -1:
+    if mb is None or data.find(b"\\", mb.end()) != -1 or _later_type_key(data, mb.end()):
         return None
     return mb.group(1).decode("ascii")
+
+
+def _later_type_key(data: bytes, pos: int) -> bool:
+    """Whether `"type"` may occur after `pos` (True also when there are too many quotes to look at).
+
+    Hops from quote to quote (a memchr each) instead of searching for the six-byte key: an audio frame's
+    payload is one long base64 string without a quote, crossed in a single hop.
+    """
+    find = data.find
+    startswith = data.startswith
+    for _ in range(_MAX_QUOTES):
+        q = find(b'"', pos)
+        if q == -1:
+            return False
+        if startswith(b'type"', q + 1):
+            return True
+        pos = q + 1
+    return True
 
 
 def decode(data: bytes | str) -> Event | None:

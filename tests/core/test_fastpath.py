@@ -119,3 +119,12 @@ def _strip(frame: bytes | str) -> Any:
         parsed.pop("event_id")
         return parsed
     return frame
+
+
+def test_a_frame_with_many_quotes_after_the_type_is_parsed_in_full() -> None:
+    """Past a bounded number of later quotes the fast path steps aside instead of hopping on."""
+    many = {"type": "input_audio_buffer.append", **{f"k{i}": "v" for i in range(40)}}
+    assert sniff_type(orjson.dumps(many)) is None
+    few = {"type": "input_audio_buffer.append", "event_id": "e", "audio": "A" * 100_000}
+    assert sniff_type(orjson.dumps(few)) == "input_audio_buffer.append"
+    assert sniff_type(orjson.dumps(few).decode()) == "input_audio_buffer.append"
