@@ -125,11 +125,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def open_proxy_warning(config: Config, secrets: Secrets) -> str | None:
-    """A loud warning when anyone who can reach the port would spend the injected key."""
+def config_warnings(config: Config, secrets: Secrets) -> list[str]:
+    """Set-ups that work but are very likely not what the operator meant; logged loudly at start."""
+    warnings = []
     if secrets.upstream_key and not secrets.client_tokens and not is_loopback(config.listen.host):
-        return (
+        warnings.append(
             f"listening on {config.listen.host} with an injected upstream key and no client tokens: anyone who "
             "can reach this port uses your API key; set [auth] client_tokens_env"
         )
-    return None
+    if secrets.client_tokens and not secrets.upstream_key:
+        warnings.append(
+            "client tokens are set but no upstream key: the client's Authorization carries the proxy token and "
+            "is not forwarded, so an OpenAI upstream gets no credential; set [upstream] api_key_env"
+        )
+    return warnings

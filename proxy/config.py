@@ -72,6 +72,7 @@ class AuthConfig:
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     port: int = 0  # 0: /healthz, /readyz and /metrics are served on the main port
+    host: str = ""  # "": the listen host
 
 
 @dataclass(frozen=True, slots=True)

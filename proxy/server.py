@@ -19,7 +19,7 @@ from multidict import CIMultiDict, MultiDict, MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
-from proxy.auth import Secrets, load_secrets, open_proxy_warning, refusal, upstream_credentials
+from proxy.auth import Secrets, config_warnings, load_secrets, refusal, upstream_credentials
 from proxy.config import Config
 from proxy.core.errors import ConfigError, UpstreamRefused, UpstreamUnreachable
 from proxy.metrics import Metrics
@@ -244,11 +244,11 @@ class ProxyServer:
         self.admin_port = self.port
         for runner in admin:
             await runner.setup()
-            await web.TCPSite(runner, listen.host, self.config.admin.port, reuse_port=self._reuse_port or None).start()
+            admin_host = self.config.admin.host or listen.host
+            await web.TCPSite(runner, admin_host, self.config.admin.port, reuse_port=self._reuse_port or None).start()
             self.admin_port = int(runner.addresses[0][1])
-        warning = open_proxy_warning(self.config, self.state.secrets)
-        if warning:
-            log.warning("open_proxy", problem=warning)
+        for warning in config_warnings(self.config, self.state.secrets):
+            log.warning("config_warning", problem=warning)
         return self.port
 
     @property

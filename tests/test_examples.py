@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.auth import Secrets, is_loopback, open_proxy_warning
+from proxy.auth import Secrets, config_warnings, is_loopback
 from proxy.config import Config, config_from_dict
 from proxy.server import ProxyServer
 
@@ -160,7 +160,7 @@ def test_example_configs_never_leave_the_key_open_to_strangers() -> None:
     """Neither example triggers the open-proxy warning: off loopback, client tokens are required."""
     for config in (compose_config(), k8s_config()):
         secrets = Secrets(upstream_key="sk-test", client_tokens=(b"tok",) if config.auth.client_tokens_env else ())
-        assert open_proxy_warning(config, secrets) is None
+        assert config_warnings(config, secrets) == []
     assert compose_config().listen.host == "0.0.0.0"  # a separate container: loopback would be unreachable
     assert compose_config().auth.client_tokens_env
 

@@ -202,3 +202,30 @@ async def test_admin_port_serves_health_and_metrics_apart() -> None:
             assert r.status == 200 and "realtime_proxy_connections_open" in await r.text()
         async with http.get(f"http://127.0.0.1:{proxy.port}/metrics") as r:
             assert r.status == 426
+
+
+def test_config_warnings_name_the_risky_set_ups() -> None:
+    """An injected key on a public address without tokens, and tokens without a key, each draw a warning."""
+    from proxy.auth import config_warnings
+
+    public = config_from_dict({"listen": {"host": "0.0.0.0"}})
+    assert "anyone who can reach this port" in config_warnings(public, Secrets(upstream_key="k"))[0]
+    assert config_warnings(public, Secrets(upstream_key="k", client_tokens=(b"t",))) == []
+    local = config_from_dict({})
+    assert config_warnings(local, Secrets(upstream_key="k")) == []
+    assert "no upstream key" in config_warnings(local, Secrets(client_tokens=(b"t",)))[0]
+
+
+async def test_admin_host_binds_the_admin_listener_apart() -> None:
+    """[admin] host puts /metrics on its own address while the proxy keeps its own."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    async with AsyncExitStack() as stack:
+        _, proxy = await start(stack, admin={"port": free, "host": "127.0.0.2"})
+        assert proxy.admin_port == free
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        async with http.get(f"http://127.0.0.2:{free}/healthz") as r:
+            assert r.status == 200
