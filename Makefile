@@ -11,8 +11,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: install demo test lint serve simulate
+.PHONY: install js demo test lint serve simulate
 install: $(STAMP)
+
+# The JS SDK's packages for tests/e2e/test_real_clients.py (pinned in tests/js/package-lock.json; needs node and npm).
+js:
+	npm ci --prefix tests/js --no-audit --no-fund
 
 demo: $(STAMP)
 	$(BIN)/realtime-reset-proxy demo
