@@ -52,6 +52,7 @@ class PendingCreate:
 class Conversation:
     def __init__(self) -> None:
         self.item_ids: list[str] = []
+        self.additions = 0  # items ever added: tells a reset whether anything new needs a look
         self._present: set[str] = set()
         self.pending_items: set[str] = set()  # announced by `committed`, item event not seen yet
         self.pending_creates: deque[PendingCreate] = deque()
@@ -91,6 +92,7 @@ class Conversation:
         else:
             self.item_ids.insert(self.item_ids.index(previous_item_id) + 1, item_id)
         self._present.add(item_id)
+        self.additions += 1
         return True
 
     def remove(self, item_id: str) -> bool:

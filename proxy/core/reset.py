@@ -52,6 +52,8 @@ class Reset:
     failed: list[str] = field(default_factory=list)
     response_cancelled: bool = False
     clear_sent: bool = False
+    scanned_additions: int = -1  # conv.additions at the last full scan
+    waiting: set[str] = field(default_factory=set)  # items somebody else's delete is on its way for
 
     def plan(
         self,
@@ -81,16 +83,26 @@ class Reset:
             # A response started mid-reset (server VAD on audio committed before our clear): stop it too.
             self.phase = Phase.QUIETING
             return self.plan(conv, deletes_elsewhere, send)
-        waiting = False
-        for item_id in list(conv.item_ids):
-            if item_id in self.keep or item_id in self.attempted:
+        # Every upstream event during a reset comes through here: scan the whole conversation only when items
+        # were added since the last scan (else a 1,000-item reset costs a million steps), and otherwise look
+        # again only at the items that wait for somebody else's delete.
+        if conv.additions != self.scanned_additions:
+            self.scanned_additions = conv.additions
+            candidates: list[str] = conv.item_ids
+            self.waiting.clear()
+        else:
+            candidates = list(self.waiting)
+        for item_id in candidates:
+            if item_id in self.keep or item_id in self.attempted or item_id not in conv:
+                self.waiting.discard(item_id)
                 continue
             if item_id in deletes_elsewhere:
-                waiting = True
+                self.waiting.add(item_id)
                 continue
+            self.waiting.discard(item_id)
             self.attempted.add(item_id)
             send("delete", item_id)
-        if self.outstanding or waiting or conv.items_on_their_way:
+        if self.outstanding or self.waiting or conv.items_on_their_way:
             return False
         failed = set(self.failed)
         return all(i in self.keep or i in failed for i in conv.item_ids)
