@@ -81,6 +81,13 @@ class _Response:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
+def _event_part(part: dict[str, Any]) -> dict[str, Any]:
+    """A content part as `response.content_part.*` events carry it: GA items say `output_text`/`output_audio`,
+    but the events' part is typed `text`/`audio` in both generations (the SDKs' schemas)."""
+    kind = {"output_text": "text", "output_audio": "audio"}.get(part["type"], part["type"])
+    return {**part, "type": kind}
+
+
 def _json_error(status: int, message: str, code: str | None, param: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
@@ -797,7 +804,7 @@ class SimSession:
                 "item_id": item["id"],
                 "output_index": 0,
                 "content_index": 0,
-                "part": part,
+                "part": _event_part(part),
             }
         )
         self._notify()
@@ -842,7 +849,7 @@ class SimSession:
             self._emit({"type": self._ev("audio_transcript.done"), **ids, "transcript": part["transcript"]})
         else:
             self._emit({"type": self._ev("text.done"), **ids, "text": part["text"]})
-        self._emit({"type": "response.content_part.done", **ids, "part": part})
+        self._emit({"type": "response.content_part.done", **ids, "part": _event_part(part)})
         resp.item["status"] = "completed" if status == "completed" else "incomplete"
         self._emit(
             {
