@@ -39,10 +39,22 @@ class _KeepRefusalBody(aiohttp.ClientResponse):
         return response
 
 
+class _UpstreamWebSocket(aiohttp.ClientWebSocketResponse):
+    """aiohttp 3.14 re-arms a client socket's heartbeat timer when data (the peer's answering close frame) arrives
+    after the socket closed, and the timer keeps the whole connection reachable for `heartbeat` seconds more:
+    with our close-first path that is every session's sockets and buffers, 20-30 s after it ended. Never re-arm
+    a closed socket."""
+
+    def _reset_heartbeat(self) -> None:
+        if not self.closed:
+            super()._reset_heartbeat()
+
+
 def client_session() -> aiohttp.ClientSession:
     """One session per proxy process: it only dials WebSockets, so no pool is kept warm."""
     return aiohttp.ClientSession(
         response_class=_KeepRefusalBody,
+        ws_response_class=_UpstreamWebSocket,
         timeout=aiohttp.ClientTimeout(total=None),
         skip_auto_headers=("User-Agent",),
         auto_decompress=False,
