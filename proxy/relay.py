@@ -235,8 +235,10 @@ class Relay:
         """The client closed (or broke a limit): tell the upstream with the client's code."""
         code = self.client.close_code
         self.stats.client_close_code = code
-        # A client that vanished without a close frame is "going away" as far as the upstream is concerned.
-        await self.upstream.close(code=sendable(code, 1001), message=b"client closed")
+        # A client that vanished without a close frame (aiohttp says 1006) is "going away" as far as the upstream
+        # is concerned; mapped like an upstream's 1006 it would become 1014, blaming the upstream.
+        vanished = code is None or code == WSCloseCode.ABNORMAL_CLOSURE
+        await self.upstream.close(code=1001 if vanished else sendable(code, 1001), message=b"client closed")
 
 
 async def _send_all(ws: web.WebSocketResponse[bool] | ClientWebSocketResponse[bool], frames: list[Frame]) -> None:
