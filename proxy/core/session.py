@@ -46,6 +46,7 @@ from proxy.core.events import (
     OUTPUT_ITEM_ADDED,
     RESET_COMPLETED,
     RESET_TYPES,
+    RESPONSE_CANCEL,
     RESPONSE_CREATE,
     RESPONSE_CREATED,
     RESPONSE_DONE,
@@ -75,7 +76,7 @@ class Binary(bytes):
 Frame = bytes | str  # text frames as bytes (UTF-8) or str; Binary for binary frames
 
 _TRACKED_CLIENT_EVENTS = frozenset({RESPONSE_CREATE, ITEM_CREATE, AUDIO_COMMIT})
-_CLIENT_INTERESTING = _TRACKED_CLIENT_EVENTS | {ITEM_DELETE, AUDIO_CLEAR}
+_CLIENT_INTERESTING = _TRACKED_CLIENT_EVENTS | {ITEM_DELETE, AUDIO_CLEAR, RESPONSE_CANCEL}
 # Upstream events that change what the core tracks; every other type is forwarded unread.
 _UPSTREAM_INTERESTING = frozenset(
     {
@@ -183,9 +184,10 @@ class Session:
         # A cancel answered by `response.done` may still draw a not-active error later (it raced the end).
         self._recent_cancels: deque[str] = deque(maxlen=_RECENT_CANCELS)
         # Client commands in flight whose answers look like ours: tell them apart.
-        self._client_deletes: dict[str, list[str | None]] = {}  # item id → client event ids, oldest first
+        self._client_deletes: dict[str, list[str]] = {}  # item id → client event ids, oldest first
         self._client_delete_ids: dict[str, str] = {}  # client event id → item id
-        self._client_clears = 0
+        self._client_clears: deque[str] = deque()  # client event ids of clears not answered yet
+        self._client_cancels: deque[str] = deque()  # client event ids of cancels not answered yet
         self._client_interesting = _CLIENT_INTERESTING | self.config.reset_types | self.config.checkpoint_types
 
     # --- output -----------------------------------------------------------------------------------
@@ -287,18 +289,31 @@ class Session:
         if etype in self.config.checkpoint_types:
             self._make_checkpoint(event)
             return
+        if etype in _CLIENT_INTERESTING:
+            data = self._track_client_command(etype, event, data)
+        self._to_upstream.append(data)
+
+    def _track_client_command(self, etype: str, event: Event, data: Frame) -> Frame:
+        """Note a client command whose answer the reset must tell from its own; returns the frame to send."""
+        client_id = event.get("event_id")
+        if not isinstance(client_id, str):
+            # An error is matched to the command it answers by event id; without one, a refused create could
+            # never be told apart and would stall every later reset. So the proxy names it.
+            client_id = self._new_id()
+            event["event_id"] = client_id
+            data = encode(event)
         if etype in _TRACKED_CLIENT_EVENTS:
             self.conversation.on_client_event(etype, event)
         elif etype == ITEM_DELETE:
             item_id = str_or_none(event.get("item_id"))
             if item_id is not None:
-                client_id = str_or_none(event.get("event_id"))
                 self._client_deletes.setdefault(item_id, []).append(client_id)
-                if client_id is not None:
-                    self._client_delete_ids[client_id] = item_id
+                self._client_delete_ids[client_id] = item_id
         elif etype == AUDIO_CLEAR:
-            self._client_clears += 1
-        self._to_upstream.append(data)
+            self._client_clears.append(client_id)
+        else:
+            self._client_cancels.append(client_id)
+        return data
 
     def _make_checkpoint(self, event: Event) -> None:
         try:
@@ -490,15 +505,14 @@ class Session:
             pending.remove(client_event_id)
         else:
             client_event_id = pending.pop(0)
-        if client_event_id is not None:
-            self._client_delete_ids.pop(client_event_id, None)
+        self._client_delete_ids.pop(client_event_id, None)
         if not pending:
             del self._client_deletes[item_id]
 
     def _on_cleared(self) -> bool:
         # The server answers clears in order; the client's, sent before ours, come back first.
-        if self._client_clears > 0:
-            self._client_clears -= 1
+        if self._client_clears:
+            self._client_clears.popleft()
             return False
         if not self._clears:
             return False
@@ -517,6 +531,11 @@ class Session:
             self.notices.append(Usage(_int(usage.get("input_tokens")), _int(cached), _int(usage.get("output_tokens"))))
         rid = str_or_none(response.get("id"))
         if rid is None:
+            return
+        if response.get("status") == "cancelled" and self._client_cancels:
+            # A client cancel was sent before any of ours (client events are held while a reset runs), and
+            # the server handles them in order: this end answers the client's; ours gets an error next.
+            self._client_cancels.popleft()
             return
         event_id = self._cancels.pop(rid, None)
         if event_id is None:
@@ -544,6 +563,10 @@ class Session:
                 self._client_delete_done(item_id, ref)
                 if code == CODE_UNKNOWN_ITEM:
                     self.conversation.remove(item_id)
+            elif ref in self._client_clears:
+                self._client_clears.remove(ref)
+            elif ref in self._client_cancels:
+                self._client_cancels.remove(ref)
             self.conversation.client_event_failed(ref, code)
             return False
         # No event id: the server left it null. Attribute by code and by the id quoted in the message.
@@ -565,6 +588,9 @@ class Session:
                 return True
             return False
         if code == CODE_CANCEL_NOT_ACTIVE:
+            if self._client_cancels:
+                self._client_cancels.popleft()  # sent before ours: answered first
+                return False
             if self._cancels:
                 event_id = next(iter(self._cancels.values()))
                 self._command_failed(event_id, self._commands.pop(event_id), code)

@@ -540,3 +540,86 @@ def test_notices_report_finished_resets() -> None:
     (notice,) = p.session.take_notices()
     assert notice.outcome == "completed" and notice.deleted == 1  # type: ignore[union-attr]
     assert p.session.take_notices() == []
+
+
+def test_tracked_client_commands_without_event_id_are_given_one() -> None:
+    """A create, commit, delete, clear or cancel without event_id gets one, so an error can be matched to it."""
+    p = Play()
+    for event in (
+        {"type": "response.create"},
+        {"type": "conversation.item.create", "item": {"type": "message"}},
+        {"type": "input_audio_buffer.commit"},
+        {"type": "conversation.item.delete", "item_id": "x"},
+        {"type": "input_audio_buffer.clear"},
+        {"type": "response.cancel"},
+    ):
+        (sent,), _ = p.client(event)
+        assert sent["event_id"].startswith("rrp_") and {k: v for k, v in sent.items() if k != "event_id"} == event
+    kept = {"type": "response.create", "event_id": "mine"}
+    assert p.client(kept)[0] == [kept]
+    raw = b'{"type":"input_audio_buffer.append","audio":""}'
+    p.session.client_frame(raw)
+    assert p.session.data_to_send()[0][0] is raw  # untracked events stay byte for byte
+
+
+def test_a_refused_create_without_event_id_does_not_stall_later_resets() -> None:
+    """A response.create refused with an unexpected code is matched by the id the proxy gave it: resets proceed."""
+    p = Play()
+    (create,), _ = p.client({"type": "response.create"})
+    error = {"type": "invalid_request_error", "code": "invalid_value", "event_id": create["event_id"]}
+    _, down = p.upstream({"type": "error", "error": error})
+    assert types(down) == ["error"]
+    up, _ = p.client({"type": "session.reset"})
+    _, down = p.ack_all(up)
+    assert types(down) == ["session.reset.completed"]
+
+
+def test_a_refused_client_clear_does_not_shift_clear_answers() -> None:
+    """An error answering the client's clear ends it; the reset's own cleared is then recognised as ours."""
+    p = Play()
+    (clear,), _ = p.client({"type": "input_audio_buffer.clear"})
+    error = {"type": "server_error", "code": "boom", "event_id": clear["event_id"]}
+    _, down = p.upstream({"type": "error", "error": error})
+    assert types(down) == ["error"]
+    up, _ = p.client({"type": "session.reset"})
+    _, down = p.ack_all(up)
+    assert types(down) == ["session.reset.completed"]
+
+
+def test_a_client_cancel_sent_before_the_reset_is_answered_first() -> None:
+    """The client's cancel (sent first) takes the cancelled response.done; the reset's cancel takes the error."""
+    p = Play()
+    p.response_created("r1")
+    p.client({"type": "response.cancel", "event_id": "mine"})
+    up, _ = p.client({"type": "session.reset"})
+    assert types(up) == ["response.cancel"]
+    up, down = p.response_done("r1", "cancelled")
+    assert types(down) == ["response.done"] and types(up) == ["input_audio_buffer.clear"]
+    _, down = p.ack_all(up)
+    assert down == []  # our cancel is still unanswered
+    error = {"type": "invalid_request_error", "code": "response_cancel_not_active", "event_id": None}
+    _, down = p.upstream({"type": "error", "error": error})
+    assert types(down) == ["session.reset.completed"] and down[0]["response_cancelled"] is False
+
+
+def test_a_client_cancels_null_id_error_reaches_the_client() -> None:
+    """With a client cancel in flight, a null-id not-active error is the client's and is forwarded."""
+    p = Play()
+    p.client({"type": "response.cancel", "event_id": "mine"})
+    error = {"type": "invalid_request_error", "code": "response_cancel_not_active", "event_id": None}
+    _, down = p.upstream({"type": "error", "error": error})
+    assert types(down) == ["error"]
+
+
+def test_a_client_cancels_error_by_id_ends_it() -> None:
+    """An error naming the client's cancel answers it; a later null-id not-active error is then ours."""
+    p = Play()
+    p.response_created("r1")
+    p.client({"type": "response.cancel", "event_id": "mine"})
+    error = {"type": "invalid_request_error", "code": "response_cancel_not_active", "event_id": "mine"}
+    _, down = p.upstream({"type": "error", "error": error})
+    assert types(down) == ["error"]
+    up, _ = p.client({"type": "session.reset"})
+    error["event_id"] = None
+    up, down = p.upstream({"type": "error", "error": error})
+    assert down == [] and types(up) == ["input_audio_buffer.clear"]
