@@ -12,6 +12,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import structlog
+from yarl import URL
 
 from proxy.auth import load_secrets
 from proxy.config import Config, load_config
@@ -32,7 +33,8 @@ async def _serve(config: Config, reuse_port: bool = False) -> None:
     server = ProxyServer(config, reuse_port=reuse_port)
     await server.start()
     loop_name = type(loop).__module__.split(".")[0]
-    log.info("listening", url=server.url, upstream=config.upstream.url, admin_port=server.admin_port, loop=loop_name)
+    upstream = str(URL(config.upstream.url).with_query(None))  # a query may pin values an operator keeps private
+    log.info("listening", url=server.url, upstream=upstream, admin_port=server.admin_port, loop=loop_name)
     try:
         received = await signals.get()
         log.info("signal", signal=signal.Signals(received).name)

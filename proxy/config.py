@@ -38,6 +38,8 @@ REAL_CLIENT_EVENTS = frozenset(
     }
 )
 
+_CREDENTIAL_QUERY_KEYS = frozenset({"api-key", "api_key", "apikey", "key", "token", "access_token"})
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 
@@ -184,6 +186,11 @@ def _validate(config: Config) -> None:
         host = url.host
     except ValueError as exc:
         raise ConfigError("upstream.url", f"not a valid URL: {exc}") from exc
+    secret = sorted(k for k in url.query if k.lower() in _CREDENTIAL_QUERY_KEYS)
+    if secret:
+        raise ConfigError(
+            "upstream.url", f"{secret[0]!r} in the URL: keys come from the environment, see [upstream] api_key_env"
+        )
     if url.scheme not in ("ws", "wss", "http", "https") or not host:
         raise ConfigError(
             "upstream.url", f"must be a ws://, wss://, http:// or https:// URL with a host, not {config.upstream.url!r}"

@@ -32,10 +32,12 @@ def configure_logging(config: LoggingConfig, stream: Any = None) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    # Tracebacks survive in both formats, as plain text or a dict: never "pretty" formatters that print the
+    # local variables of each frame (they would print headers, and so keys).
+    renderers: list[Any] = (
+        [structlog.dev.ConsoleRenderer(colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback)]
         if fmt == "console"
-        else structlog.processors.JSONRenderer(serializer=_json)
+        else [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer(serializer=_json)]
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -47,7 +49,7 @@ def configure_logging(config: LoggingConfig, stream: Any = None) -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderers],
         )
     )
     root = logging.getLogger()

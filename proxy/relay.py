@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
@@ -250,8 +251,10 @@ class Relay:
         # upstream's word: the client learns the gateway lost its upstream.
         code, reason = self._upstream_close or (None, "upstream connection lost")
         self.stats.upstream_close_code = code
-        if not self.client.closed:
-            await self.client.close(code=sendable(code, BAD_GATEWAY), message=reason.encode()[:123])
+        # Under the direction's lock: frames already taken for the client go out before the close frame.
+        async with self._locked(self._down_lock):
+            if not self.client.closed:
+                await self.client.close(code=sendable(code, BAD_GATEWAY), message=reason.encode()[:123])
 
     async def _close_upstream(self) -> None:
         """The client closed (or broke a limit): tell the upstream with the client's code."""
@@ -260,7 +263,21 @@ class Relay:
         # A client that vanished without a close frame (aiohttp says 1006) is "going away" as far as the upstream
         # is concerned; mapped like an upstream's 1006 it would become 1014, blaming the upstream.
         vanished = code is None or code == WSCloseCode.ABNORMAL_CLOSURE
-        await self.upstream.close(code=1001 if vanished else sendable(code, 1001), message=b"client closed")
+        async with self._locked(self._up_lock):
+            await self.upstream.close(code=1001 if vanished else sendable(code, 1001), message=b"client closed")
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, lock: asyncio.Lock) -> AsyncIterator[None]:
+        """The lock, unless a stuck writer holds it past the close timeout: a close must not wait forever."""
+        try:
+            await asyncio.wait_for(lock.acquire(), self._close_timeout)
+        except TimeoutError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 async def _send_all(ws: web.WebSocketResponse[bool] | ClientWebSocketResponse[bool], frames: list[Frame]) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import ssl
 import weakref
+from collections.abc import Sequence
 
 import aiohttp
 import structlog
@@ -30,7 +31,7 @@ from proxy.upstream import open_upstream
 log = structlog.get_logger("proxy.server")
 
 
-def upstream_url(configured: str, client_query: MultiMapping[str]) -> str:
+def upstream_url(configured: str, client_query: MultiMapping[str], drop: Sequence[str] = ()) -> str:
     """The configured URL with the client's query merged in; keys pinned in the configured URL win.
 
     Only the query is taken from the client: scheme, host, port and path are always the configured ones, so
@@ -38,7 +39,7 @@ def upstream_url(configured: str, client_query: MultiMapping[str]) -> str:
     """
     base = URL(configured)
     pinned = base.query
-    merged: MultiDict[str] = MultiDict((k, v) for k, v in client_query.items() if k not in pinned)
+    merged: MultiDict[str] = MultiDict((k, v) for k, v in client_query.items() if k not in pinned and k not in drop)
     merged.extend(pinned)
     scheme = {"http": "ws", "https": "wss"}.get(base.scheme, base.scheme)
     return str(base.with_scheme(scheme).with_query(merged))
@@ -58,15 +59,34 @@ def _json_refusal(status: int, code: str, message: str) -> web.Response:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    config = state.config
     if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
         return web.Response(
             status=426, text="this is a Realtime API WebSocket proxy: connect with a WebSocket client\n"
         )
-    conn_log = log.bind(conn=secrets.token_hex(4), path=request.path)
+    # Bound in this request's context: every line logged while serving it (ours, aiohttp's) names it.
+    structlog.contextvars.bind_contextvars(conn=secrets.token_hex(4))
+    conn_log = log.bind(path=request.path)
     if state.draining:
-        state.metrics.clients_refused.labels("503").inc()
-        return _json_refusal(503, "proxy_draining", "the proxy is shutting down; connect again")
+        return _draining(state)
+    state.busy += 1
+    state.idle.clear()
+    try:
+        return await _serve(request, state, conn_log)
+    finally:
+        state.busy -= 1
+        if state.busy == 0:
+            state.idle.set()
+
+
+def _draining(state: ServerState) -> web.Response:
+    state.metrics.clients_refused.labels("503").inc()
+    return _json_refusal(503, "proxy_draining", "the proxy is shutting down; connect again")
+
+
+async def _serve(
+    request: web.Request, state: ServerState, conn_log: structlog.stdlib.BoundLogger
+) -> web.StreamResponse:
+    config = state.config
     offered = offered_subprotocols(request)
     refused = refusal(config, state.secrets, request.headers, offered)
     if refused is not None:
@@ -74,7 +94,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         state.metrics.clients_refused.labels(str(status)).inc()
         conn_log.info("client_refused", status=status, reason=message)
         return _json_refusal(status, "proxy_unauthorized" if status == 401 else "proxy_forbidden", message)
-    url = upstream_url(config.upstream.url, request.query)
+    # With an injected key the client's own credentials are dropped, the Azure browser form (?api-key=) too.
+    url = upstream_url(config.upstream.url, request.query, drop=("api-key",) if state.secrets.upstream_key else ())
     headers, protocols = upstream_credentials(config, state.secrets, request.headers, offered)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -96,6 +117,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         conn_log.warning("upstream_unreachable", reason=exc.reason)
         return web.Response(status=502, text=exc.reason + "\n")
     state.metrics.upstream_connect_seconds.observe(loop.time() - started)
+    if state.draining:  # the drain began while we dialed: this session would outlive it
+        await upstream.close(code=WSCloseCode.GOING_AWAY)
+        return _draining(state)
 
     selected = upstream.protocol
     ws = web.WebSocketResponse(
@@ -111,15 +135,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         await upstream.close(code=WSCloseCode.GOING_AWAY)
         raise
     state.sockets.add(ws)
-    state.idle.clear()
     relay = Relay(ws, upstream, state.session_config, metrics=state.metrics, log=conn_log)
     relay.log.info("connection_open", upstream_connect_ms=round((loop.time() - started) * 1000, 3))
     try:
         await relay.run()
     finally:
         state.sockets.discard(ws)
-        if not state.sockets:
-            state.idle.set()
         stats = relay.stats
         relay.log.info(
             "connection_closed",
@@ -160,6 +181,7 @@ class ServerState:
         self.metrics = Metrics()
         self.draining = False
         self.sockets: weakref.WeakSet[web.WebSocketResponse[bool]] = weakref.WeakSet()
+        self.busy = 0  # sessions being served or dialed: the drain waits for none to be left
         self.idle = asyncio.Event()
         self.idle.set()
         self._client_session: aiohttp.ClientSession | None = None
@@ -224,12 +246,13 @@ class ProxyServer:
         self._reuse_port = reuse_port
         admin_port = config.admin.port
         self.app = create_app(self.state, admin_routes=admin_port == 0)
-        self._runners = [web.AppRunner(self.app, handle_signals=False, access_log=None)]
+        # By shutdown every session was told to close (on_shutdown); handlers need only moments after that.
+        self._runners = [web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=5.0)]
         if admin_port:
             admin = web.Application()
             admin[STATE] = self.state
             _add_admin_routes(admin)
-            self._runners.append(web.AppRunner(admin, handle_signals=False, access_log=None))
+            self._runners.append(web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=5.0))
         self.port = 0
         self.admin_port = 0
 

@@ -213,3 +213,11 @@ def test_workers_need_a_fixed_port() -> None:
     with pytest.raises(ConfigError) as info:
         config_from_dict({"listen": {"workers": 2, "port": 0}})
     assert info.value.key == "listen.workers"
+
+
+@pytest.mark.parametrize("key", ["api-key", "token", "key"])
+def test_credentials_pinned_in_the_upstream_url_are_refused(key: str) -> None:
+    """A key pinned in upstream.url would sit in the TOML file and in logs: refused, pointing at api_key_env."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"upstream": {"url": f"wss://example.openai.azure.com/openai/realtime?{key}=secret"}})
+    assert info.value.key == "upstream.url" and "api_key_env" in str(info.value) and "secret" not in str(info.value)

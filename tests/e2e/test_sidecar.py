@@ -229,3 +229,37 @@ async def test_admin_host_binds_the_admin_listener_apart() -> None:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         async with http.get(f"http://127.0.0.2:{free}/healthz") as r:
             assert r.status == 200
+
+
+async def test_injected_key_drops_the_clients_api_key_query_parameter() -> None:
+    """With an injected key, a browser's ?api-key= never reaches the upstream; other parameters do."""
+    async with AsyncExitStack() as stack:
+        sim, proxy = await start(stack, SimulatorConfig(api_key="sk-real"), secrets=Secrets(upstream_key="sk-real"))
+        async with connect(proxy.url + "?model=m&api-key=client-key") as ws:
+            assert orjson.loads(await ws.recv())["type"] == "session.created"
+        assert sim.sessions[0].query == {"model": "m"}
+
+
+def test_json_logs_keep_tracebacks_as_data() -> None:
+    """In JSON format an exception is logged as structured frames, not lost as exc_info=true."""
+    import io
+    import logging
+
+    import structlog
+
+    from proxy.config import LoggingConfig
+    from proxy.logs import configure_logging
+
+    saved_config, saved_handlers = structlog.get_config(), logging.getLogger().handlers[:]
+    stream = io.StringIO()
+    try:
+        configure_logging(LoggingConfig(level="info", format="json"), stream=stream)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            structlog.get_logger("test").exception("failed")
+    finally:
+        structlog.configure(**saved_config)
+        logging.getLogger().handlers[:] = saved_handlers
+    line = orjson.loads(stream.getvalue().splitlines()[-1])
+    assert line["event"] == "failed" and line["exception"][0]["exc_type"] == "ValueError"
