@@ -128,3 +128,10 @@ def test_a_frame_with_many_quotes_after_the_type_is_parsed_in_full() -> None:
     few = {"type": "input_audio_buffer.append", "event_id": "e", "audio": "A" * 100_000}
     assert sniff_type(orjson.dumps(few)) == "input_audio_buffer.append"
     assert sniff_type(orjson.dumps(few).decode()) == "input_audio_buffer.append"
+
+
+def test_a_str_frame_with_a_lone_surrogate_is_not_a_crash() -> None:
+    """A str frame holding a lone surrogate is sniffed without raising; a full parse then rejects it."""
+    frame = '{"type":"input_audio_buffer.append","audio":"\ud800"}'
+    assert sniff_type(frame) == "input_audio_buffer.append"
+    assert decode(frame) is None
