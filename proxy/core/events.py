@@ -94,7 +94,11 @@ def sniff_type(data: bytes | str) -> str | None:
     """
     if isinstance(data, str):
         m = _TYPE_PREFIX_S.match(data)
-        if m is None or data.find("\\", m.end()) != -1 or _later_type_key(data.encode("utf-8", "surrogatepass"), m.end()):
+        if (
+            m is None
+            or data.find("\\", m.end()) != -1
+            or _later_type_key(data.encode("utf-8", "surrogatepass"), m.end())
+        ):
             return None
         return m.group(1)
     mb = _TYPE_PREFIX_B.match(data)
