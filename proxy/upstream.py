@@ -53,6 +53,10 @@ class _UpstreamWebSocket(aiohttp.ClientWebSocketResponse):
 def client_session() -> aiohttp.ClientSession:
     """One session per proxy process: it only dials WebSockets, so no pool is kept warm."""
     return aiohttp.ClientSession(
+        # Every open upstream WebSocket holds one of the connector's connections for its whole life: the
+        # default limit (100 in all, per host too) would cap the proxy at 100 sessions. Capacity is bounded by
+        # what clients open, not here.
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
         response_class=_KeepRefusalBody,
         ws_response_class=_UpstreamWebSocket,
         timeout=aiohttp.ClientTimeout(total=None),

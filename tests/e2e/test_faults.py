@@ -307,3 +307,14 @@ async def test_1000_connect_disconnect_cycles_leave_rss_tasks_and_fds_flat(reque
     assert after.fds == before.fds, (before, after)
     assert after.objects - before.objects < 2_000, f"{after.objects - before.objects} more live objects"
     assert after.rss_kib - before.rss_kib < 4 * 1024, f"RSS grew by {after.rss_kib - before.rss_kib} KiB"
+
+
+async def test_more_than_a_hundred_sessions_at_once(make_stack: StackFactory) -> None:
+    """150 sessions stay open at once (aiohttp's default connector would have stopped the 101st upstream dial)."""
+    stack = await make_stack()
+    clients = [await stack.client() for _ in range(150)]
+    assert len(stack.sim.sessions) == 150
+    client, upstream = clients[-1]
+    await client.send(item_event("the 150th works"))
+    await client.until("conversation.item.added")
+    assert len(upstream.item_ids) == 1
