@@ -73,8 +73,6 @@ def _meta(plan: Plan, loop: str, nginx: str | None) -> dict[str, Any]:
         "websockets": metadata.version("websockets"),
         "orjson": metadata.version("orjson"),
         "nginx": nginx_version(nginx) if nginx else "not installed",
-        "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
-        "dirty": bool(_git("status", "--porcelain", "--", "proxy")),
         "frame_sizes": scenarios.frame_sizes(),
         "loadavg_start": os.getloadavg(),
         "sim_delay_s": SIM_DELAY_S,
@@ -117,6 +115,9 @@ async def _run(plan: Plan, only: set[str], use_nginx: bool, workdir: Path, wait_
     t = time.monotonic()
     results["meta"]["other_load_before"] = await _wait_quiet(wait_quiet_s)
     results["meta"]["waited_s"] = round(time.monotonic() - t, 1)
+    # the code under test is what is checked out when the proxy starts, not when the wait began
+    results["meta"]["commit"] = _git("rev-parse", "--short", "HEAD") or "unknown"
+    results["meta"]["dirty"] = bool(_git("status", "--porcelain", "--", "proxy"))
     services: list[Service] = []
     try:
         upstream = await start_upstream(workdir, SIM_DELAY_S)
