@@ -92,7 +92,18 @@ _UPSTREAM_INTERESTING = frozenset(
     }
 )
 _QUOTED_ID = re.compile(r"'([^']{1,256})'")
-_RECENT_CANCELS = 64
+_MAX_SETTLED_CANCELS = 256
+
+
+@dataclass(slots=True)
+class _Cancel:
+    """A `response.cancel` in flight, ours or the client's. The server answers cancels in the order sent: the
+    first that still applies ends the response (`response.done` cancelled), each other one draws an error."""
+
+    event_id: str
+    response_id: str | None  # ours always name it; a client's may not (then: the running response)
+    ours: bool
+    settled: bool = False  # ours, and its response ended: done for the reset, but an error may still come
 
 
 class _AnyOf:
@@ -180,14 +191,11 @@ class Session:
         self._commands: dict[str, Command] = {}
         self._deletes: dict[str, str] = {}  # item id → our delete's event id
         self._clears: deque[str] = deque()
-        self._cancels: dict[str, str] = {}  # response id → our cancel's event id
-        # A cancel answered by `response.done` may still draw a not-active error later (it raced the end).
-        self._recent_cancels: deque[str] = deque(maxlen=_RECENT_CANCELS)
+        self._cancel_fifo: deque[_Cancel] = deque()  # every cancel in flight, ours and the client's, as sent
         # Client commands in flight whose answers look like ours: tell them apart.
         self._client_deletes: dict[str, list[str]] = {}  # item id → client event ids, oldest first
         self._client_delete_ids: dict[str, str] = {}  # client event id → item id
         self._client_clears: deque[str] = deque()  # client event ids of clears not answered yet
-        self._client_cancels: deque[str] = deque()  # client event ids of cancels not answered yet
         self._client_interesting = _CLIENT_INTERESTING | self.config.reset_types | self.config.checkpoint_types
 
     # --- output -----------------------------------------------------------------------------------
@@ -312,7 +320,7 @@ class Session:
         elif etype == AUDIO_CLEAR:
             self._client_clears.append(client_id)
         else:
-            self._client_cancels.append(client_id)
+            self._cancel_fifo.append(_Cancel(client_id, str_or_none(event.get("response_id")), ours=False))
         return data
 
     def _make_checkpoint(self, event: Event) -> None:
@@ -388,8 +396,10 @@ class Session:
             self._clears.append(event_id)
             self._to_upstream.append(clear_event(event_id))
         else:
-            if target is not None:
-                self._cancels[target] = event_id
+            self._cancel_fifo.append(_Cancel(event_id, target, ours=True))
+            # Settled cancels only wait for an error that may never come: keep the newest few.
+            while len(self._cancel_fifo) > _MAX_SETTLED_CANCELS and self._cancel_fifo[0].settled:
+                self._cancel_fifo.popleft()
             self._to_upstream.append(cancel_event(event_id, target))
 
     def _advance(self) -> None:
@@ -532,19 +542,35 @@ class Session:
         rid = str_or_none(response.get("id"))
         if rid is None:
             return
-        if response.get("status") == "cancelled" and self._client_cancels:
-            # A client cancel was sent before any of ours (client events are held while a reset runs), and
-            # the server handles them in order: this end answers the client's; ours gets an error next.
-            self._client_cancels.popleft()
-            return
-        event_id = self._cancels.pop(rid, None)
-        if event_id is None:
-            return
-        cmd = self._commands.pop(event_id)
-        self._recent_cancels.append(event_id)
-        if self.reset is not None and self.reset.seq == cmd.reset_seq and response.get("status") == "cancelled":
+        if response.get("status") == "cancelled":
+            # The first cancel sent that applies to this response is the one that ended it.
+            for entry in self._cancel_fifo:
+                if not entry.settled and entry.response_id in (None, rid):
+                    self._cancel_fifo.remove(entry)
+                    if entry.ours:
+                        self._cancel_answered(entry.event_id, cancelled=True)
+                        # Ours ended it, even if an earlier (timed-out) reset's cancel got there first.
+                        if self.reset is not None and rid in self.reset.cancelled_responses:
+                            self.reset.response_cancelled = True
+                    break
+        for entry in self._cancel_fifo:
+            if entry.ours and not entry.settled and entry.response_id == rid:
+                # The response is over, which is what the reset waited for; a not-active error may follow.
+                entry.settled = True
+                self._cancel_answered(entry.event_id, cancelled=False)
+
+    def _cancel_answered(self, event_id: str, *, cancelled: bool) -> None:
+        cmd = self._commands.pop(event_id)  # an unsettled cancel of ours is always still a command
+        if cancelled and self.reset is not None and self.reset.seq == cmd.reset_seq:
             self.reset.response_cancelled = True
         self._answered(event_id, cmd)
+
+    def _cancel_entry(self, event_id: str) -> _Cancel | None:
+        for entry in self._cancel_fifo:
+            if entry.event_id == event_id:
+                self._cancel_fifo.remove(entry)
+                return entry
+        return None
 
     def _on_error(self, event: Event) -> bool:
         err = inner_error(event)
@@ -555,9 +581,9 @@ class Session:
             if cmd is not None:
                 self._command_failed(ref, cmd, code)
                 return True
-            if ref in self._recent_cancels:
-                self._recent_cancels.remove(ref)
-                return True
+            cancel = self._cancel_entry(ref)
+            if cancel is not None and cancel.ours:
+                return True  # a settled cancel of ours drew its late error
             item_id = self._client_delete_ids.get(ref)
             if item_id is not None:
                 self._client_delete_done(item_id, ref)
@@ -565,8 +591,6 @@ class Session:
                     self.conversation.remove(item_id)
             elif ref in self._client_clears:
                 self._client_clears.remove(ref)
-            elif ref in self._client_cancels:
-                self._client_cancels.remove(ref)
             self.conversation.client_event_failed(ref, code)
             return False
         # No event id: the server left it null. Attribute by code and by the id quoted in the message.
@@ -588,17 +612,14 @@ class Session:
                 return True
             return False
         if code == CODE_CANCEL_NOT_ACTIVE:
-            if self._client_cancels:
-                self._client_cancels.popleft()  # sent before ours: answered first
+            if not self._cancel_fifo:
                 return False
-            if self._cancels:
-                event_id = next(iter(self._cancels.values()))
-                self._command_failed(event_id, self._commands.pop(event_id), code)
-                return True
-            if self._recent_cancels:
-                self._recent_cancels.popleft()
-                return True
-            return False
+            oldest = self._cancel_fifo.popleft()  # cancels are answered in the order sent
+            if oldest.ours:
+                cmd = self._commands.pop(oldest.event_id, None)
+                if cmd is not None:
+                    self._command_failed(oldest.event_id, cmd, code)
+            return oldest.ours
         self.conversation.client_event_failed(None, code)
         return False
 
@@ -616,7 +637,7 @@ class Session:
             if event_id in self._clears:
                 self._clears.remove(event_id)
         elif target is not None:
-            self._cancels.pop(target, None)
+            self._cancel_entry(event_id)
             if code == CODE_CANCEL_NOT_ACTIVE:
                 self.conversation.end_response(target)  # it ended before our cancel arrived
         self._answered(event_id, cmd)

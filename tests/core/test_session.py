@@ -596,10 +596,11 @@ def test_a_client_cancel_sent_before_the_reset_is_answered_first() -> None:
     up, down = p.response_done("r1", "cancelled")
     assert types(down) == ["response.done"] and types(up) == ["input_audio_buffer.clear"]
     _, down = p.ack_all(up)
-    assert down == []  # our cancel is still unanswered
+    # The response is over (the client's cancel ended it): the reset is done; ours may still draw an error.
+    assert types(down) == ["session.reset.completed"] and down[0]["response_cancelled"] is False
     error = {"type": "invalid_request_error", "code": "response_cancel_not_active", "event_id": None}
     _, down = p.upstream({"type": "error", "error": error})
-    assert types(down) == ["session.reset.completed"] and down[0]["response_cancelled"] is False
+    assert down == []  # that error answers our cancel: hidden
 
 
 def test_a_client_cancels_null_id_error_reaches_the_client() -> None:
@@ -623,3 +624,20 @@ def test_a_client_cancels_error_by_id_ends_it() -> None:
     error["event_id"] = None
     up, down = p.upstream({"type": "error", "error": error})
     assert down == [] and types(up) == ["input_audio_buffer.clear"]
+
+
+def test_settled_cancels_that_never_draw_an_error_are_not_kept_forever() -> None:
+    """Cancels whose response ended on its own may never be refused: only the newest few are remembered."""
+    p = Play()
+    for i in range(300):
+        p.response_created(f"r{i}")
+        up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+        assert types(up) == ["response.cancel"]
+        _, down = p.response_done(f"r{i}", "completed")
+        assert types(down) == ["response.done", "session.reset.completed"]
+    assert len(p.session._cancel_fifo) <= 257
+    # A cancel behind all those settled ones still owns its response's cancellation.
+    p.response_created("last")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    _, down = p.response_done("last", "cancelled")
+    assert types(down) == ["response.done", "session.reset.completed"] and down[1]["response_cancelled"] is True
