@@ -34,6 +34,8 @@ from proxy.core.events import (
     RESPONSE_CREATE,
     RESPONSE_CREATED,
     RESPONSE_DONE,
+    SPEECH_STARTED,
+    SPEECH_STOPPED,
     Event,
     str_or_none,
 )
@@ -61,6 +63,8 @@ class Conversation:
         self._output_items: set[str] = set()  # announced by response.output_item.added, item event not seen
         # Recently deleted ids: a GA `conversation.item.done` that trails the delete must not bring one back.
         self._removed: dict[str, None] = {}
+        # Items server VAD announced (speech_started/stopped): their `committed` answers no client commit.
+        self._vad_items: set[str] = set()
         self.active_responses: dict[str, bool] = {}  # response id → in the conversation (not out-of-band)
         # Out-of-band response id → its output item ids; the items are ignored should an item event name them.
         self._oob_responses: dict[str, list[str]] = {}
@@ -186,11 +190,17 @@ class Conversation:
             if item_id is not None:
                 self.remove(item_id)
         elif etype == AUDIO_COMMITTED:
-            if self.commits:
-                self.commits.popleft()  # a server-VAD commit may take a client commit's place: close enough
             item_id = str_or_none(event.get("item_id"))
+            if item_id is not None and item_id in self._vad_items:
+                self._vad_items.discard(item_id)  # server VAD committed it: no client commit is answered
+            elif self.commits:
+                self.commits.popleft()
             if item_id is not None and item_id not in self._present:
                 self.pending_items.add(item_id)
+        elif etype in (SPEECH_STARTED, SPEECH_STOPPED):
+            item_id = str_or_none(event.get("item_id"))
+            if item_id is not None and len(self._vad_items) < _REMEMBER_REMOVED:
+                self._vad_items.add(item_id)
         elif etype == RESPONSE_CREATED:
             self._response_created(event)
         elif etype == RESPONSE_DONE:

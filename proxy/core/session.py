@@ -51,6 +51,8 @@ from proxy.core.events import (
     RESPONSE_CREATED,
     RESPONSE_DONE,
     SESSION_CREATED,
+    SPEECH_STARTED,
+    SPEECH_STOPPED,
     Event,
     cancel_event,
     clear_event,
@@ -88,6 +90,8 @@ _UPSTREAM_INTERESTING = frozenset(
         RESPONSE_DONE,
         OUTPUT_ITEM_ADDED,
         SESSION_CREATED,
+        SPEECH_STARTED,
+        SPEECH_STOPPED,
         ERROR,
     }
 )

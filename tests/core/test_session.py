@@ -641,3 +641,15 @@ def test_settled_cancels_that_never_draw_an_error_are_not_kept_forever() -> None
     up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
     _, down = p.response_done("last", "cancelled")
     assert types(down) == ["response.done", "session.reset.completed"] and down[1]["response_cancelled"] is True
+
+
+def test_a_server_vad_commit_does_not_answer_the_clients_commit() -> None:
+    """A committed item that server VAD announced (speech_started) leaves the client's own commit on its way."""
+    p = Play()
+    p.upstream({"type": "input_audio_buffer.speech_started", "item_id": "vad1", "audio_start_ms": 0})
+    p.upstream({"type": "input_audio_buffer.speech_started"})  # no item id: nothing to note
+    p.client({"type": "input_audio_buffer.commit", "event_id": "k1"})
+    p.upstream({"type": "input_audio_buffer.committed", "item_id": "vad1", "previous_item_id": None})
+    assert list(p.session.conversation.commits) == ["k1"]
+    p.upstream({"type": "input_audio_buffer.committed", "item_id": "u1", "previous_item_id": "vad1"})
+    assert list(p.session.conversation.commits) == []
