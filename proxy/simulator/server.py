@@ -634,18 +634,24 @@ class SimSession:
     def _find_item(self, item_id: Any) -> dict[str, Any] | None:
         return next((i for i in self.items if i["id"] == item_id), None)
 
+    def _item_or_error(self, event: dict[str, Any], item_id: Any, action: str, verb: str) -> dict[str, Any] | None:
+        """The item, or None after the server's error for an unknown id (code `item_<action>_invalid_item_id`)."""
+        item = self._find_item(item_id)
+        if item is None:
+            self._error(
+                f"item_{action}_invalid_item_id",
+                f"Error {verb} item: the item with id '{item_id}' does not exist.",
+                event,
+                "item_id",
+            )
+        return item
+
     def _on_item_retrieve(self, event: dict[str, Any]) -> None:
         item_id = self._require(event, "item_id")
         if item_id is None:
             return
-        item = self._find_item(item_id)
+        item = self._item_or_error(event, item_id, "retrieve", "retrieving")
         if item is None:
-            self._error(
-                "item_retrieve_invalid_item_id",
-                f"Error retrieving item: the item with id '{item_id}' does not exist.",
-                event,
-                "item_id",
-            )
             return
         self._emit({"type": "conversation.item.retrieved", "item": item})
 
@@ -653,14 +659,8 @@ class SimSession:
         item_id = self._require(event, "item_id")
         if item_id is None:
             return
-        item = self._find_item(item_id)
+        item = self._item_or_error(event, item_id, "truncate", "truncating")
         if item is None:
-            self._error(
-                "item_truncate_invalid_item_id",
-                f"Error truncating item: the item with id '{item_id}' does not exist.",
-                event,
-                "item_id",
-            )
             return
         content_index = event.get("content_index", 0)
         audio_end_ms = event.get("audio_end_ms", 0)
@@ -690,14 +690,8 @@ class SimSession:
             return
         if self._cfg.stall_acks:
             return  # fault injection: swallowed, neither applied nor answered
-        item = self._find_item(item_id)
+        item = self._item_or_error(event, item_id, "delete", "deleting")
         if item is None:
-            self._error(
-                "item_delete_invalid_item_id",
-                f"Error deleting item: the item with id '{item_id}' does not exist.",
-                event,
-                "item_id",
-            )
             return
         self.items.remove(item)
         self._emit({"type": "conversation.item.deleted", "item_id": item_id})
