@@ -5,12 +5,18 @@ Both sides are aiohttp WebSockets (the client's a ``WebSocketResponse``, the ups
 same bytes (``send_frame``), never decoded or re-encoded. Every frame goes into the core session, and what the
 session hands back is written out under a per-direction lock, so two pumps never interleave a direction's
 frames. Writes await the peer's drain: a slow reader slows its source (TCP back-pressure); nothing piles up.
+While the core is paused (a reset runs) the client pump reads nothing more: aiohttp's reader fills its small
+queue, stops reading the socket, and TCP pushes back on the client instead of the proxy buffering its frames.
+
+A fault of our own (an exception in a pump or the reset timer that is not the network going away) is logged
+with its traceback and closes both sides with 1011: it is never swallowed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,6 +27,7 @@ from proxy.core.session import (
     Binary,
     EventsRejected,
     Frame,
+    LateResponse,
     Notice,
     ResetFinished,
     Session,
@@ -88,14 +95,16 @@ class Relay:
         self.metrics = metrics
         self.log: structlog.stdlib.BoundLogger = log or _log
         self.upstream = upstream
-        loop = asyncio.get_running_loop()
-        # The loop's clock drives the core, so its deadlines and our timer agree.
-        self.session = Session(config, clock=loop.time)
+        # time.monotonic drives the core and our timer alike: uvloop's loop.time() moves in whole milliseconds and
+        # stands still within an iteration, which would round every reset's duration to 0 ms.
+        self.session = Session(config, clock=time.monotonic)
         self.stats = RelayStats()
         self._close_timeout = close_timeout
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
         self._deadline_changed = asyncio.Event()
+        self._resumed = asyncio.Event()  # set while the core takes client frames (not paused)
+        self._resumed.set()
         self._armed: float | None = None
         self._upstream_close: tuple[int | None, str] | None = None
 
@@ -107,13 +116,19 @@ class Relay:
         upstream_pump = asyncio.create_task(self._upstream_pump(), name="upstream-pump")
         timer = asyncio.create_task(self._timer(), name="reset-timer")
         try:
-            done, _ = await asyncio.wait({client_pump, upstream_pump}, return_when=asyncio.FIRST_COMPLETED)
-            if upstream_pump in done:
+            done, _ = await asyncio.wait({client_pump, upstream_pump, timer}, return_when=asyncio.FIRST_COMPLETED)
+            fault = _fault(done)
+            if fault is not None:
+                await self._fail(fault)
+            elif upstream_pump in done:
                 await self._close_client()
             else:
                 await self._close_upstream()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(client_pump, upstream_pump, return_exceptions=True), 5.0)
+                await asyncio.wait_for(asyncio.wait({client_pump, upstream_pump}), 5.0)
+            late = _fault({client_pump, upstream_pump} - done) if fault is None else None
+            if late is not None:
+                self.log.error("relay_fault", exc_info=late)
         finally:
             for task in (client_pump, upstream_pump, timer):
                 task.cancel()
@@ -147,6 +162,9 @@ class Relay:
             stats.bytes_up += len(data)
             session.client_frame(data)
             await self._flush()
+            while session.paused:  # flow control as a value: read on once the reset is over
+                self._resumed.clear()
+                await self._resumed.wait()
 
     async def _upstream_pump(self) -> None:
         session = self.session
@@ -173,7 +191,6 @@ class Relay:
             await self._flush()
 
     async def _timer(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self._deadline_changed.clear()
             deadline = self.session.deadline
@@ -181,7 +198,7 @@ class Relay:
             if deadline is None:
                 await self._deadline_changed.wait()
                 continue
-            delay = deadline - loop.time()
+            delay = deadline - time.monotonic()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._deadline_changed.wait(), delay)
@@ -193,6 +210,8 @@ class Relay:
         session = self.session
         if session.deadline != self._armed:
             self._deadline_changed.set()
+        if not session.paused:
+            self._resumed.set()
         if session.pending_upstream:
             async with self._up_lock:
                 await _send_all(self.upstream, session.take_upstream())
@@ -238,12 +257,25 @@ class Relay:
                     items_failed=notice.failed,
                     response_cancelled=notice.cancelled_response,
                 )
+            elif isinstance(notice, LateResponse):
+                self.log.info("late_response_cancelled", response_id=notice.response_id)
             elif isinstance(notice, EventsRejected):
                 if metrics is not None:
                     metrics.events_rejected.inc(notice.count)
                 self.log.warning("events_rejected", count=notice.count, reason="held event limit")
 
     # --- closing ----------------------------------------------------------------------------------
+
+    async def _fail(self, fault: BaseException) -> None:
+        """A bug or fault of ours: say so loudly, and close both sides with 1011 (internal error)."""
+        self.log.error("relay_fault", exc_info=fault)
+        message = b"proxy internal error"
+        async with self._locked(self._down_lock):
+            if not self.client.closed:
+                await self.client.close(code=WSCloseCode.INTERNAL_ERROR, message=message)
+        async with self._locked(self._up_lock):
+            if not self.upstream.closed:
+                await self.upstream.close(code=WSCloseCode.INTERNAL_ERROR, message=message)
 
     async def _close_client(self) -> None:
         """The upstream closed: pass its code and reason on (1011 stays 1011), or 1014 if it just vanished."""
@@ -278,6 +310,16 @@ class Relay:
             yield
         finally:
             lock.release()
+
+
+def _fault(tasks: set[asyncio.Task[None]]) -> BaseException | None:
+    """The first exception among finished tasks that is a fault of ours, not the network going away."""
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, ConnectionError):
+                return exc
+    return None
 
 
 async def _send_all(ws: web.WebSocketResponse[bool] | ClientWebSocketResponse[bool], frames: list[Frame]) -> None:

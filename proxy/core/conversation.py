@@ -4,22 +4,34 @@ Rules (both generations):
 - An item enters on `conversation.item.created` (beta) or `.added`/`.done` (GA) and leaves on
   `conversation.item.deleted`. `previous_item_id` places it: null → first, a known id → right after it,
   an id we never saw → last (we cannot do better, and order only affects listings).
-- `input_audio_buffer.committed` announces an item that is not there yet: it is *pending* until its item
-  event arrives, so a reset can wait for it instead of leaving it behind.
-- Items of out-of-band responses (`response.conversation: "none"`, seen as `conversation_id: null` on the
-  response) never enter: they are not in the conversation.
+- Evidence beats intent: an item event is tracked whatever the response that made it was requested as. A
+  server that ignores `response.conversation: "none"` announces the item, and then it is in the conversation.
+- `input_audio_buffer.committed` (and GA `.timeout_triggered`, which commits on its own) announces an item
+  that is not there yet: it is *pending* until its item event arrives, so a reset can wait for it.
+- A response's kind is the server's word when `response.created` carries `conversation_id` (null: out of
+  band). Without it the kind is *unknown*: a reset waits for it, and cancels it unless the request it answered
+  asked for out of band; an item event for one of its output items settles it as in the conversation.
 - A response is *in progress* from the moment a client `response.create` is forwarded (or the upstream
-  starts one itself, e.g. server VAD) until its `response.done`, or until an `error` answers that create.
+  starts one itself, e.g. server VAD) until its `response.done` (whatever its status or reason), until an
+  `error` answers that create, or until a new in-conversation `response.created` replaces it (the server runs
+  one conversation response at a time; some replace it without a `response.done`).
 - A client `conversation.item.create` or `input_audio_buffer.commit` that was forwarded and not answered yet
   is an item *on its way*: a reset that follows it must wait for it, or the item would outlive the reset.
   Item events answer creates by item id (when the client chose one) or else in order; item events for
   announced items (committed audio, response output) answer nothing.
+- Nothing waits without a deadline: every client command in flight and every announced item carries the time
+  it was sent or announced, and :meth:`Conversation.prune` forgets those older than `max_age` (the reset
+  timeout). An `error` with a null `event_id` answers the command its code names; with no code, or a code we
+  do not know, the oldest command in flight (servers answer in order).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from proxy.core.events import (
     AUDIO_COMMIT,
@@ -36,6 +48,7 @@ from proxy.core.events import (
     RESPONSE_DONE,
     SPEECH_STARTED,
     SPEECH_STOPPED,
+    TIMEOUT_TRIGGERED,
     Event,
     str_or_none,
 )
@@ -43,32 +56,43 @@ from proxy.core.events import (
 _REMEMBER_REMOVED = 1024
 
 
+class Kind(Enum):
+    """What a running response can do to the conversation."""
+
+    CONVERSATION = "conversation"
+    OUT_OF_BAND = "out_of_band"
+    UNKNOWN = "unknown"  # no conversation_id on its response.created
+
+
 @dataclass(slots=True)
 class PendingCreate:
-    """A client `response.create` that was forwarded and not yet answered."""
+    """A client command that was forwarded and not yet answered (`response.create`, item create, commit)."""
 
     event_id: str | None
-    out_of_band: bool
+    out_of_band: bool = False  # response.create only: what the request asked for
+    item_id: str | None = None  # conversation.item.create only: the id the client chose
+    sent_at: float = 0.0
 
 
 class Conversation:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_age: float = 10.0) -> None:
+        self._clock = clock
+        self.max_age = max_age
         self.item_ids: list[str] = []
         self.additions = 0  # items ever added: tells a reset whether anything new needs a look
         self._present: set[str] = set()
-        self.pending_items: set[str] = set()  # announced by `committed`, item event not seen yet
-        self.pending_creates: deque[PendingCreate] = deque()
-        self.item_creates: deque[tuple[str | None, str | None]] = deque()  # (client event id, item id)
-        self.commits: deque[str | None] = deque()  # client event ids of commits not answered yet
-        self._output_items: set[str] = set()  # announced by response.output_item.added, item event not seen
+        self.pending_items: dict[str, float] = {}  # announced by `committed`, item event not seen → when
+        self.pending_creates: deque[PendingCreate] = deque()  # response.create
+        self.item_creates: deque[PendingCreate] = deque()
+        self.commits: deque[PendingCreate] = deque()
+        self._output_of: dict[str, str] = {}  # output item announced by output_item.added → its response
         # Recently deleted ids: a GA `conversation.item.done` that trails the delete must not bring one back.
         self._removed: dict[str, None] = {}
         # Items server VAD announced (speech_started/stopped): their `committed` answers no client commit.
         self._vad_items: set[str] = set()
-        self.active_responses: dict[str, bool] = {}  # response id → in the conversation (not out-of-band)
-        # Out-of-band response id → its output item ids; the items are ignored should an item event name them.
-        self._oob_responses: dict[str, list[str]] = {}
-        self._oob_items: set[str] = set()
+        self.active_responses: dict[str, Kind] = {}
+        self._outputs: dict[str, list[str]] = {}  # response id → its announced output items
+        self._oob_requested: set[str] = set()  # unknown-kind responses that answered an out-of-band request
 
     # --- items ------------------------------------------------------------------------------------
 
@@ -88,7 +112,7 @@ class Conversation:
         if item_id in self._present:
             return False
         self._answer_item_create(item_id)
-        self.pending_items.discard(item_id)
+        self.pending_items.pop(item_id, None)
         if placed and (previous_item_id is None or previous_item_id == "root"):
             self.item_ids.insert(0, item_id)
         elif not placed or previous_item_id not in self._present:
@@ -100,7 +124,7 @@ class Conversation:
         return True
 
     def remove(self, item_id: str) -> bool:
-        self.pending_items.discard(item_id)
+        self.pending_items.pop(item_id, None)
         if item_id not in self._present:
             return False
         self._present.discard(item_id)
@@ -110,79 +134,136 @@ class Conversation:
             del self._removed[next(iter(self._removed))]
         return True
 
-    # --- responses --------------------------------------------------------------------------------
-
     def _answer_item_create(self, item_id: str) -> None:
         if item_id in self.pending_items:
             return
-        if item_id in self._output_items:
-            self._output_items.discard(item_id)
+        rid = self._output_of.pop(item_id, None)
+        if rid is not None:
+            # A response's output item entered the conversation: evidence of the response's kind.
+            if self.active_responses.get(rid) is not None:
+                self.active_responses[rid] = Kind.CONVERSATION
+                self._oob_requested.discard(rid)
             return
         for entry in self.item_creates:
-            if entry[1] == item_id:
+            if entry.item_id == item_id:
                 self.item_creates.remove(entry)
                 return
         for entry in self.item_creates:
-            if entry[1] is None:
+            if entry.item_id is None:
                 self.item_creates.remove(entry)
                 return
 
+    # --- client commands in flight ----------------------------------------------------------------
+
     def on_client_event(self, etype: str, event: Event) -> None:
         """Note a forwarded client event that will start a response or add an item."""
+        now = self._clock()
+        self.prune(now)
         event_id = str_or_none(event.get("event_id"))
         if etype == RESPONSE_CREATE:
             response = event.get("response")
             oob = isinstance(response, dict) and response.get("conversation") == "none"
-            self.pending_creates.append(PendingCreate(event_id, oob))
+            self.pending_creates.append(PendingCreate(event_id, out_of_band=oob, sent_at=now))
         elif etype == ITEM_CREATE:
             item = event.get("item")
-            self.item_creates.append((event_id, str_or_none(item.get("id")) if isinstance(item, dict) else None))
+            item_id = str_or_none(item.get("id")) if isinstance(item, dict) else None
+            self.item_creates.append(PendingCreate(event_id, item_id=item_id, sent_at=now))
         elif etype == AUDIO_COMMIT:
-            self.commits.append(event_id)
+            self.commits.append(PendingCreate(event_id, sent_at=now))
 
-    def client_event_failed(self, client_event_id: str | None, code: str | None) -> None:
-        """An `error` answered a client event: by its event id, or (id null) guessed from its code."""
+    def client_event_failed(self, client_event_id: str | None, code: str | None) -> bool:
+        """An `error` answered a client event: by its event id, or (id null) by its code, else the oldest.
+
+        Returns whether it answered a command in flight.
+        """
+        queues = (self.pending_creates, self.item_creates, self.commits)
         if client_event_id is not None:
-            for pending in self.pending_creates:
-                if pending.event_id == client_event_id:
-                    self.pending_creates.remove(pending)
-                    return
-            for entry in self.item_creates:
-                if entry[0] == client_event_id:
-                    self.item_creates.remove(entry)
-                    return
-            if client_event_id in self.commits:
-                self.commits.remove(client_event_id)
-            return
-        if code == CODE_ALREADY_ACTIVE and self.pending_creates:
-            self.pending_creates.popleft()
-        elif code == CODE_COMMIT_EMPTY and self.commits:
-            self.commits.popleft()
-        elif code is not None and code.startswith("item_create") and self.item_creates:
-            self.item_creates.popleft()
+            for queue in queues:
+                for pending in queue:
+                    if pending.event_id == client_event_id:
+                        queue.remove(pending)
+                        return True
+            return False
+        if code == CODE_ALREADY_ACTIVE:
+            queue = self.pending_creates
+        elif code == CODE_COMMIT_EMPTY:
+            queue = self.commits
+        elif code is not None and code.startswith("item_create"):
+            queue = self.item_creates
+        else:
+            # No code, or one we do not know: the oldest command still waiting is the likeliest.
+            waiting = [q for q in queues if q]
+            if not waiting:
+                return False
+            queue = min(waiting, key=lambda q: q[0].sent_at)
+        if not queue:
+            return False
+        queue.popleft()
+        return True
+
+    def oldest_sent(self) -> float | None:
+        """When the oldest command in flight was sent or the oldest pending item announced (None: nothing)."""
+        times = [q[0].sent_at for q in (self.pending_creates, self.item_creates, self.commits) if q]
+        if self.pending_items:
+            times.append(next(iter(self.pending_items.values())))
+        return min(times) if times else None
+
+    def prune(self, now: float) -> None:
+        """Forget commands and announced items older than `max_age`: no answer is coming for them any more."""
+        cutoff = now - self.max_age
+        for queue in (self.pending_creates, self.item_creates, self.commits):
+            while queue and queue[0].sent_at <= cutoff:
+                queue.popleft()
+        pending = self.pending_items
+        while pending:
+            item_id, announced_at = next(iter(pending.items()))
+            if announced_at > cutoff:
+                break
+            del pending[item_id]
+
+    # --- responses --------------------------------------------------------------------------------
 
     @property
     def response_in_progress(self) -> bool:
         """A response that can still add items to the conversation runs or is about to start."""
-        return any(self.active_responses.values()) or any(not p.out_of_band for p in self.pending_creates)
+        return bool(self.awaited_responses()) or self.response_requested
+
+    @property
+    def response_requested(self) -> bool:
+        """A client asked for a response that can add items, and it has not started yet."""
+        return any(not p.out_of_band for p in self.pending_creates)
+
+    def awaited_responses(self) -> list[str]:
+        """Running responses that can add items: a reset waits for them."""
+        return [rid for rid, kind in self.active_responses.items() if kind is not Kind.OUT_OF_BAND]
 
     def conversation_responses(self) -> list[str]:
-        return [rid for rid, in_conv in self.active_responses.items() if in_conv]
+        """Running responses a reset cancels: in the conversation, or unknown and not asked for out of band."""
+        return [
+            rid
+            for rid, kind in self.active_responses.items()
+            if kind is Kind.CONVERSATION or (kind is Kind.UNKNOWN and rid not in self._oob_requested)
+        ]
 
-    def end_response(self, response_id: str) -> None:
-        self.active_responses.pop(response_id, None)
-        for item_id in self._oob_responses.pop(response_id, ()):
-            self._oob_items.discard(item_id)
+    def end_response(self, response_id: str) -> bool:
+        """The response is over; returns whether it was running."""
+        self._oob_requested.discard(response_id)
+        for item_id in self._outputs.pop(response_id, ()):
+            self._output_of.pop(item_id, None)
+        return self.active_responses.pop(response_id, None) is not None
 
     # --- the server event feed --------------------------------------------------------------------
 
-    def on_server_event(self, etype: str, event: Event) -> None:
-        """Update the model from one upstream event (every type is accepted; most change nothing)."""
+    def on_server_event(self, etype: str, event: Event) -> list[str]:
+        """Update the model from one upstream event (every type is accepted; most change nothing).
+
+        Returns the ids of the responses this event showed to be over (done, or replaced).
+        """
         if etype in ITEM_EVENTS:
             item = event.get("item")
             item_id = str_or_none(item.get("id")) if isinstance(item, dict) else None
-            if item_id is None or item_id in self._oob_items or (etype == ITEM_DONE and item_id in self._removed):
-                return
+            if item_id is None or (etype == ITEM_DONE and item_id in self._removed):
+                return []
             placed = "previous_item_id" in event
             self.add(item_id, str_or_none(event.get("previous_item_id")), placed=placed)
         elif etype == ITEM_DELETED:
@@ -196,45 +277,51 @@ class Conversation:
             elif self.commits:
                 self.commits.popleft()
             if item_id is not None and item_id not in self._present:
-                self.pending_items.add(item_id)
-        elif etype in (SPEECH_STARTED, SPEECH_STOPPED):
+                self.pending_items.setdefault(item_id, self._clock())
+        elif etype in (SPEECH_STARTED, SPEECH_STOPPED, TIMEOUT_TRIGGERED):
             item_id = str_or_none(event.get("item_id"))
             if item_id is not None and len(self._vad_items) < _REMEMBER_REMOVED:
                 self._vad_items.add(item_id)
+                if etype == TIMEOUT_TRIGGERED and item_id not in self._present:
+                    self.pending_items.setdefault(item_id, self._clock())  # it commits the buffer itself
         elif etype == RESPONSE_CREATED:
-            self._response_created(event)
+            return self._response_created(event)
         elif etype == RESPONSE_DONE:
             response = event.get("response")
-            if isinstance(response, dict):
-                rid = str_or_none(response.get("id"))
-                if rid is not None:
-                    self.end_response(rid)
+            rid = str_or_none(response.get("id")) if isinstance(response, dict) else None
+            if rid is not None:
+                self.end_response(rid)
+                return [rid]
         elif etype == OUTPUT_ITEM_ADDED:
             rid = str_or_none(event.get("response_id"))
             item = event.get("item")
             item_id = str_or_none(item.get("id")) if isinstance(item, dict) else None
-            if item_id is None or item_id in self._present:
-                return
-            oob_items = self._oob_responses.get(rid) if rid is not None else None
-            if oob_items is not None:
-                self._oob_items.add(item_id)
-                oob_items.append(item_id)
-            else:
-                self._output_items.add(item_id)
+            if item_id is None or rid is None or item_id in self._present:
+                return []
+            self._output_of[item_id] = rid
+            self._outputs.setdefault(rid, []).append(item_id)
+        return []
 
-    def _response_created(self, event: Event) -> None:
+    def _response_created(self, event: Event) -> list[str]:
         response = event.get("response")
         if not isinstance(response, dict):
-            return
+            return []
         rid = str_or_none(response.get("id"))
         pending = self.pending_creates.popleft() if self.pending_creates else None
         if rid is None:
-            return
+            return []
         if "conversation_id" in response:
             # The server's own word wins over our guess from the request.
-            oob = response["conversation_id"] is None
+            kind = Kind.OUT_OF_BAND if response["conversation_id"] is None else Kind.CONVERSATION
         else:
-            oob = pending.out_of_band if pending is not None else False
-        self.active_responses[rid] = not oob
-        if oob:
-            self._oob_responses[rid] = []
+            kind = Kind.UNKNOWN
+            if pending is not None and pending.out_of_band:
+                self._oob_requested.add(rid)
+        ended: list[str] = []
+        if kind is Kind.CONVERSATION:
+            # One conversation response at a time: a new one shows the old one is over, done or not.
+            ended = [r for r, k in self.active_responses.items() if k is Kind.CONVERSATION and r != rid]
+            for old in ended:
+                self.end_response(old)
+        self.active_responses[rid] = kind
+        return ended

@@ -27,6 +27,7 @@ AUDIO_COMMITTED = "input_audio_buffer.committed"
 AUDIO_CLEARED = "input_audio_buffer.cleared"
 SPEECH_STARTED = "input_audio_buffer.speech_started"  # server VAD: names the item it will commit
 SPEECH_STOPPED = "input_audio_buffer.speech_stopped"
+TIMEOUT_TRIGGERED = "input_audio_buffer.timeout_triggered"  # GA idle timeout: commits the buffer on its own
 RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
 OUTPUT_ITEM_ADDED = "response.output_item.added"
@@ -55,6 +56,7 @@ CODE_COMMIT_EMPTY = "input_audio_buffer_commit_empty"
 CODE_INVALID_RESET = "invalid_session_reset"
 CODE_RESET_TIMEOUT = "session_reset_timeout"
 CODE_HELD_OVERFLOW = "held_events_overflow"
+CODE_SESSION_EXPIRED = "session_expired"
 
 
 # The fast path: most frames are audio (appends up, deltas down) that the core only forwards. Their type can
@@ -241,19 +243,29 @@ def delete_event(event_id: str, item_id: str) -> bytes:
 
 
 def error_event(
-    event_id: str, *, error_type: str, code: str, message: str, param: str | None, client_event_id: str | None
+    event_id: str,
+    *,
+    error_type: str,
+    code: str,
+    message: str,
+    param: str | None,
+    client_event_id: str | None,
+    extra: Event | None = None,
 ) -> bytes:
-    """An `error` event in the API's own shape, so clients handle the proxy's errors like the server's."""
-    return encode(
-        {
-            "type": ERROR,
-            "event_id": event_id,
-            "error": {
-                "type": error_type,
-                "code": code,
-                "message": message,
-                "param": param,
-                "event_id": client_event_id,
-            },
-        }
-    )
+    """An `error` event in the API's own shape, so clients handle the proxy's errors like the server's.
+
+    `extra` adds top-level fields (a timed-out reset reports what it had deleted)."""
+    event: Event = {
+        "type": ERROR,
+        "event_id": event_id,
+        "error": {
+            "type": error_type,
+            "code": code,
+            "message": message,
+            "param": param,
+            "event_id": client_event_id,
+        },
+    }
+    if extra:
+        event.update(extra)
+    return encode(event)

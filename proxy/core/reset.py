@@ -7,10 +7,12 @@
        └────────────────────────── deadline passes: timed out ◀────────────────┘ as they appear
 
 Done means: every command this reset sent was answered (ack or error), no item is still on its way (a
-committed audio item, or a client create or commit sent before the reset), and the conversation holds
-nothing but kept items (and items whose delete failed for a reason other
-than "does not exist", reported as failed). The reset never decides what an upstream event means — the
-session does that and tells the reset through the conversation model and `answered`.
+committed audio item, or a client create or commit sent before the reset), no response that can add items
+runs, and the conversation holds nothing but kept items (and items whose delete failed for a reason other
+than "does not exist", reported as failed). A response whose cancel the server refused (it cannot cancel)
+does not hold the deletes back: its items are deleted as they appear, and the reset ends when it ends. The
+reset never decides what an upstream event means — the session does that and tells the reset through the
+conversation model and `answered`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class Command:
 
     kind: str  # "cancel" | "clear" | "delete"
     target: str | None
-    reset_seq: int
+    reset_seq: int  # 0: not a reset's (the clean-up of a late response)
+    sent_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -47,6 +50,7 @@ class Reset:
     phase: Phase = Phase.QUIETING
     outstanding: set[str] = field(default_factory=set)  # event ids of our commands not answered yet
     cancelled_responses: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)  # responses whose cancel the server refused
     attempted: set[str] = field(default_factory=set)  # item ids a delete was sent for
     deleted: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -64,25 +68,23 @@ class Reset:
         """Send what the state calls for now (through `send(kind, target)`); True when the reset is done.
 
         `deletes_elsewhere` are items a delete is already on its way for (the client's, sent before the reset
-        began, or ours from a reset that timed out): the reset waits for them to go instead of deleting twice.
+        began, or ours for a late response): the reset waits for them to go instead of deleting twice.
         """
+        if self.request.cancel_response:
+            for rid in conv.conversation_responses():
+                if rid not in self.cancelled_responses:
+                    self.cancelled_responses.add(rid)
+                    send("cancel", rid)
+        # Deleting while a response runs races its output items: quiet first (again, should one start
+        # mid-reset: server VAD on audio committed before our clear).
+        if conv.response_requested or any(r not in self.refused for r in conv.awaited_responses()):
+            self.phase = Phase.QUIETING
+            return False
         if self.phase is Phase.QUIETING:
-            if self.request.cancel_response:
-                for rid in conv.conversation_responses():
-                    if rid not in self.cancelled_responses:
-                        self.cancelled_responses.add(rid)
-                        send("cancel", rid)
-            # Deleting while a response runs races its output items: quiet first.
-            if conv.response_in_progress:
-                return False
             self.phase = Phase.DELETING
             if self.request.clear_input_audio and not self.clear_sent:
                 self.clear_sent = True
                 send("clear", None)
-        elif conv.response_in_progress:
-            # A response started mid-reset (server VAD on audio committed before our clear): stop it too.
-            self.phase = Phase.QUIETING
-            return self.plan(conv, deletes_elsewhere, send)
         # Every upstream event during a reset comes through here: scan the whole conversation only when items
         # were added since the last scan (else a 1,000-item reset costs a million steps), and otherwise look
         # again only at the items that wait for somebody else's delete.
@@ -102,10 +104,25 @@ class Reset:
             self.waiting.discard(item_id)
             self.attempted.add(item_id)
             send("delete", item_id)
-        if self.outstanding or self.waiting or conv.items_on_their_way:
+        if self.outstanding or self.waiting or conv.items_on_their_way or conv.awaited_responses():
             return False
         failed = set(self.failed)
         return all(i in self.keep or i in failed for i in conv.item_ids)
+
+    def awaiting(self, conv: Conversation) -> str:
+        """What the reset still waits for, in words (for a timeout's message)."""
+        parts: list[str] = []
+        for rid in conv.awaited_responses():
+            why = " (the server refused to cancel it)" if rid in self.refused else ""
+            parts.append(f"the response {rid}{why}")
+        if conv.response_requested:
+            parts.append("a requested response")
+        items = len(self.waiting) + len(conv.pending_items) + len(conv.item_creates) + len(conv.commits)
+        if items:
+            parts.append(f"{items} item(s) on their way or being deleted by another")
+        if self.outstanding:
+            parts.append(f"{len(self.outstanding)} command(s) unanswered")
+        return ", ".join(parts) or "nothing it could name"
 
     def kept_item_ids(self, conv: Conversation) -> list[str]:
         return [i for i in conv.item_ids if i in self.keep]

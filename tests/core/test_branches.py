@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from proxy.core.conversation import Kind
 from proxy.core.reset import Command
 from proxy.core.session import Binary, EventsRejected, ResetFinished, Session, UpstreamSession, Usage
 from tests.core.playbook import Play, types
@@ -93,7 +94,7 @@ def test_response_done_without_a_usable_id_does_not_answer_our_cancel(response: 
     assert types(up) == ["response.cancel"]
     up, down = p.upstream({"type": "response.done", "response": response})
     assert up == [] and types(down) == ["response.done"]
-    assert p.session.conversation.active_responses == {"r1": True}
+    assert p.session.conversation.active_responses == {"r1": Kind.CONVERSATION}
     up, down = p.response_done("r1", "cancelled")
     assert types(down) == ["response.done"] and types(up) == ["conversation.item.delete"]
     _, down = p.ack_all(up)
@@ -321,20 +322,26 @@ def test_an_error_answering_our_clear_is_hidden_and_the_reset_goes_on() -> None:
     assert types(down) == ["input_audio_buffer.cleared"]
 
 
-def test_a_cancel_refused_for_another_reason_waits_for_the_response_to_end() -> None:
-    """A cancel refused otherwise than not-active is hidden; the reset waits for the response's own done."""
+def test_a_cancel_refused_for_another_reason_deletes_alongside_and_waits_for_the_end() -> None:
+    """A cancel refused otherwise than not-active (a server that cannot cancel) is hidden; the reset deletes while
+    the response runs, deletes its later items as they appear, and completes with the response's own done."""
     p = Play()
     p.items("a")
     p.response_created("r1")
     up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
     (cancel,) = up
-    up, down = p.error("server_error", cancel["event_id"], "boom", error_type="server_error")
-    assert up == [] and down == []
-    assert p.session.conversation.active_responses == {"r1": True}
-    up, down = p.response_done("r1", "completed")
-    assert types(down) == ["response.done"] and types(up) == ["conversation.item.delete"]
+    up, down = p.error("server_error", cancel["event_id"], "not implemented", error_type="server_error")
+    assert down == [] and types(up) == ["conversation.item.delete"] and up[0]["item_id"] == "a"
+    assert p.session.conversation.active_responses == {"r1": Kind.CONVERSATION}
     _, down = p.ack_all(up)
-    assert types(down) == ["session.reset.completed"] and down[0]["response_cancelled"] is False
+    assert down == []  # the response still runs: it may add items
+    p.output_item("r1", "o1")
+    up, _ = p.item("o1")
+    assert types(up) == ["conversation.item.delete"] and up[0]["item_id"] == "o1"
+    p.ack_all(up)
+    up, down = p.response_done("r1", "completed")
+    assert types(down) == ["response.done", "session.reset.completed"] and up == []
+    assert down[1]["deleted_item_ids"] == ["a", "o1"] and down[1]["response_cancelled"] is False
 
 
 def test_a_late_delete_error_after_a_timeout_is_hidden_and_reported_nowhere() -> None:
@@ -353,21 +360,25 @@ def test_a_late_delete_error_after_a_timeout_is_hidden_and_reported_nowhere() ->
     assert resets_finished(p) == []
 
 
-def test_a_reset_after_a_timed_out_cancel_cancels_again_and_owns_the_answers() -> None:
-    """A response outliving a timed-out reset is cancelled again by the next one, whose answers stay hidden."""
+def test_a_timed_out_reset_forgets_the_response_it_waited_for_and_owns_the_late_answers() -> None:
+    """After a timed-out reset the next one starts as on a fresh connection; the old cancel's late done is
+    forwarded as the server's, its late not-active error stays hidden, and neither touches the new reset."""
     p = Play(reset_timeout=5.0)
     p.response_created("r1")
-    p.client({"type": "session.reset", "event_id": "x1", "clear_input_audio": False})
+    up, _ = p.client({"type": "session.reset", "event_id": "x1", "clear_input_audio": False})
     p.clock.now += 5.0
     p.session.handle_timeout()
     p.take()
-    up, _ = p.client({"type": "session.reset", "event_id": "x2", "clear_input_audio": False})
-    assert types(up) == ["response.cancel"] and up[0]["response_id"] == "r1"
+    assert p.session.conversation.active_responses == {}
+    p.items("a")
+    up2, _ = p.client({"type": "session.reset", "event_id": "x2", "clear_input_audio": False})
+    assert types(up2) == ["conversation.item.delete"]
     _, down = p.response_done("r1", "cancelled")
-    assert types(down) == ["response.done", "session.reset.completed"]
-    assert down[1]["reset_event_id"] == "x2" and down[1]["response_cancelled"] is True
+    assert types(down) == ["response.done"]
     _, down = p.error(NOT_ACTIVE, up[0]["event_id"], "no active response")
     assert down == []
+    _, down = p.ack_all(up2)
+    assert types(down) == ["session.reset.completed"] and down[0]["response_cancelled"] is False
 
 
 # --- defensive guards: not reachable through client_frame / upstream_frame ------------------------------

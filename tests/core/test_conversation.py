@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.core import conversation as conversation_module
-from proxy.core.conversation import Conversation, PendingCreate
+from proxy.core.conversation import Conversation, Kind
 
 Event = dict[str, Any]
 
@@ -17,12 +17,26 @@ def feed(conv: Conversation, event: Event) -> None:
     conv.on_server_event(event["type"], event)
 
 
+def feed_ended(conv: Conversation, event: Event) -> list[str]:
+    """Feed an event; the responses it showed to be over."""
+    return conv.on_server_event(event["type"], event)
+
+
 def created(item_id: str, previous: str | None = None) -> Event:
     return {"type": "conversation.item.created", "item": {"id": item_id}, "previous_item_id": previous}
 
 
 def client(conv: Conversation, event: Event) -> None:
     conv.on_client_event(event["type"], event)
+
+
+def creates(conv: Conversation) -> list[tuple[str | None, str | None]]:
+    """(client event id, chosen item id) of the item creates in flight."""
+    return [(e.event_id, e.item_id) for e in conv.item_creates]
+
+
+def ids(queue: deque[Any]) -> list[str | None]:
+    return [e.event_id for e in queue]
 
 
 # --- items ------------------------------------------------------------------------------------------
@@ -57,7 +71,7 @@ def test_removing_an_announced_item_drops_the_announcement() -> None:
     feed(conv, {"type": "input_audio_buffer.committed", "item_id": "u1", "previous_item_id": None})
     assert conv.items_on_their_way
     feed(conv, {"type": "conversation.item.deleted", "item_id": "u1"})
-    assert conv.pending_items == set() and not conv.items_on_their_way and conv.item_ids == []
+    assert not conv.pending_items and not conv.items_on_their_way and conv.item_ids == []
 
 
 def test_previous_item_id_root_places_the_item_first() -> None:
@@ -128,12 +142,12 @@ def test_events_without_usable_ids_change_nothing(event: Event) -> None:
     conv = Conversation()
     feed(conv, created("a"))
     client(conv, {"type": "response.create", "event_id": "c1"})
-    conv.active_responses["r0"] = True
+    conv.active_responses["r0"] = Kind.CONVERSATION
     feed(conv, event)
     assert conv.item_ids == ["a"]
-    assert conv.pending_items == set()
-    assert conv.active_responses == {"r0": True}
-    assert list(conv.pending_creates) == [PendingCreate("c1", False)]
+    assert not conv.pending_items
+    assert conv.active_responses == {"r0": Kind.CONVERSATION}
+    assert ids(conv.pending_creates) == ["c1"]
     assert not conv.items_on_their_way
 
 
@@ -143,7 +157,7 @@ def test_committed_for_an_item_already_present_announces_nothing() -> None:
     client(conv, {"type": "input_audio_buffer.commit", "event_id": "k1"})
     feed(conv, created("u1"))
     feed(conv, {"type": "input_audio_buffer.committed", "item_id": "u1", "previous_item_id": None})
-    assert conv.pending_items == set() and conv.commits == deque()
+    assert not conv.pending_items and not conv.commits
     assert conv.item_ids == ["u1"]
 
 
@@ -155,7 +169,7 @@ def test_response_created_without_an_id_consumes_the_request_but_tracks_nothing(
     conv = Conversation()
     client(conv, {"type": "response.create", "event_id": "c1"})
     feed(conv, {"type": "response.created", "response": {"status": "in_progress"}})
-    assert conv.pending_creates == deque() and conv.active_responses == {}
+    assert not conv.pending_creates and conv.active_responses == {}
     assert not conv.response_in_progress
 
 
@@ -172,9 +186,9 @@ def test_out_of_band_requests_do_not_count_as_a_response_in_progress() -> None:
 def test_end_response_of_an_unknown_response_is_harmless() -> None:
     """Ending a response the model never saw changes nothing."""
     conv = Conversation()
-    conv.active_responses["r1"] = True
-    conv.end_response("r2")
-    assert conv.active_responses == {"r1": True} and conv.conversation_responses() == ["r1"]
+    conv.active_responses["r1"] = Kind.CONVERSATION
+    assert conv.end_response("r2") is False
+    assert conv.active_responses == {"r1": Kind.CONVERSATION} and conv.conversation_responses() == ["r1"]
 
 
 def test_output_items_of_a_conversation_response_answer_no_create() -> None:
@@ -185,9 +199,9 @@ def test_output_items_of_a_conversation_response_answer_no_create() -> None:
     feed(conv, {"type": "response.output_item.added", "response_id": "r1", "item": {"id": "o1"}})
     feed(conv, created("o1"))
     assert conv.item_ids == ["o1"]
-    assert list(conv.item_creates) == [("c1", None)]
+    assert creates(conv) == [("c1", None)]
     feed(conv, created("x1", "o1"))  # the client's item: answers the create
-    assert conv.item_creates == deque() and conv.item_ids == ["o1", "x1"]
+    assert not conv.item_creates and conv.item_ids == ["o1", "x1"]
 
 
 def test_output_item_added_for_an_item_already_present_is_ignored() -> None:
@@ -197,19 +211,32 @@ def test_output_item_added_for_an_item_already_present_is_ignored() -> None:
     client(conv, {"type": "conversation.item.create", "event_id": "c1", "item": {"type": "message"}})
     feed(conv, {"type": "response.output_item.added", "response_id": "r1", "item": {"id": "o1"}})
     feed(conv, {"type": "conversation.item.done", "item": {"id": "o1"}, "previous_item_id": None})
-    assert conv.item_ids == ["o1"] and list(conv.item_creates) == [("c1", None)]
+    assert conv.item_ids == ["o1"] and creates(conv) == [("c1", None)]
 
 
-def test_output_items_of_an_out_of_band_response_are_forgotten_when_it_ends() -> None:
-    """Out-of-band output items are ignored while their response runs; after its done the ids are free again."""
+def test_an_item_event_for_an_out_of_band_output_is_evidence_it_is_in_the_conversation() -> None:
+    """A server that ignored `conversation: "none"` announces the item: it is tracked, and the response is a
+    conversation response from then on (a reset waits for it)."""
+    conv = Conversation()
+    feed(conv, {"type": "response.created", "response": {"id": "r1", "conversation_id": None}})
+    assert not conv.response_in_progress
+    feed(conv, {"type": "response.output_item.added", "response_id": "r1", "item": {"id": "o1"}})
+    feed(conv, created("o1"))
+    assert conv.item_ids == ["o1"]
+    assert conv.active_responses == {"r1": Kind.CONVERSATION} and conv.conversation_responses() == ["r1"]
+    assert feed_ended(conv, {"type": "response.done", "response": {"id": "r1", "status": "completed"}}) == ["r1"]
+    assert conv.active_responses == {}
+
+
+def test_an_output_item_of_an_ended_response_answers_no_create_and_changes_no_kind() -> None:
+    """After its response ended, an output item's late item event is just an item."""
     conv = Conversation()
     feed(conv, {"type": "response.created", "response": {"id": "r1", "conversation_id": None}})
     feed(conv, {"type": "response.output_item.added", "response_id": "r1", "item": {"id": "o1"}})
-    feed(conv, created("o1"))
-    assert conv.item_ids == []
     feed(conv, {"type": "response.done", "response": {"id": "r1", "status": "completed"}})
+    client(conv, {"type": "conversation.item.create", "event_id": "c1", "item": {"type": "message"}})
     feed(conv, created("o1"))
-    assert conv.item_ids == ["o1"]
+    assert conv.item_ids == ["o1"] and creates(conv) == []  # no longer announced: it answers the create
 
 
 # --- client events and their answers -----------------------------------------------------------------
@@ -220,10 +247,10 @@ def test_only_creates_and_commits_are_tracked_from_the_client() -> None:
     conv = Conversation()
     client(conv, {"type": "session.update", "event_id": "s1", "session": {}})
     client(conv, {"type": "input_audio_buffer.append", "event_id": "a1", "audio": ""})
-    assert conv.pending_creates == deque() and conv.item_creates == deque() and conv.commits == deque()
+    assert not conv.pending_creates and not conv.item_creates and not conv.commits
     client(conv, {"type": "conversation.item.create", "event_id": 9, "item": "not an object"})
     client(conv, {"type": "input_audio_buffer.commit"})
-    assert list(conv.item_creates) == [(None, None)] and list(conv.commits) == [None]
+    assert creates(conv) == [(None, None)] and ids(conv.commits) == [None]
 
 
 def test_item_events_answer_creates_by_id_first_then_the_oldest_without_id() -> None:
@@ -233,11 +260,11 @@ def test_item_events_answer_creates_by_id_first_then_the_oldest_without_id() -> 
     client(conv, {"type": "conversation.item.create", "event_id": "c2", "item": {"type": "message"}})
     client(conv, {"type": "conversation.item.create", "event_id": "c3", "item": {"type": "message"}})
     feed(conv, created("srv1"))
-    assert list(conv.item_creates) == [("c1", "mine"), ("c3", None)]
+    assert creates(conv) == [("c1", "mine"), ("c3", None)]
     feed(conv, created("mine", "srv1"))
-    assert list(conv.item_creates) == [("c3", None)]
+    assert creates(conv) == [("c3", None)]
     feed(conv, created("srv2", "mine"))
-    assert conv.item_creates == deque() and conv.item_ids == ["srv1", "mine", "srv2"]
+    assert not conv.item_creates and conv.item_ids == ["srv1", "mine", "srv2"]
 
 
 def test_an_item_answering_no_create_leaves_creates_with_other_ids_waiting() -> None:
@@ -245,7 +272,7 @@ def test_an_item_answering_no_create_leaves_creates_with_other_ids_waiting() -> 
     conv = Conversation()
     client(conv, {"type": "conversation.item.create", "event_id": "c1", "item": {"id": "mine"}})
     feed(conv, created("other"))
-    assert list(conv.item_creates) == [("c1", "mine")] and conv.items_on_their_way
+    assert creates(conv) == [("c1", "mine")] and conv.items_on_their_way
 
 
 def test_errors_by_event_id_answer_exactly_the_named_client_event() -> None:
@@ -257,9 +284,9 @@ def test_errors_by_event_id_answer_exactly_the_named_client_event() -> None:
         client(conv, {"type": "input_audio_buffer.commit", "event_id": f"k{i}"})
     for ref in ("r2", "i2", "k2", "unknown"):
         conv.client_event_failed(ref, "anything")
-    assert list(conv.pending_creates) == [PendingCreate("r1", False)]
-    assert list(conv.item_creates) == [("i1", None)]
-    assert list(conv.commits) == ["k1"]
+    assert ids(conv.pending_creates) == ["r1"]
+    assert creates(conv) == [("i1", None)]
+    assert ids(conv.commits) == ["k1"]
 
 
 def test_an_error_by_event_id_is_never_guessed_from_its_code() -> None:
@@ -267,7 +294,7 @@ def test_an_error_by_event_id_is_never_guessed_from_its_code() -> None:
     conv = Conversation()
     client(conv, {"type": "response.create", "event_id": "r1"})
     conv.client_event_failed("someone_else", "conversation_already_has_active_response")
-    assert list(conv.pending_creates) == [PendingCreate("r1", False)]
+    assert ids(conv.pending_creates) == ["r1"]
 
 
 @pytest.mark.parametrize(
@@ -284,7 +311,7 @@ def test_null_id_errors_with_nothing_to_answer_change_nothing(code: str | None) 
     """With the event id null, a code is guessed only against the kind it names; with none in flight, nothing moves."""
     conv = Conversation()
     conv.client_event_failed(None, code)
-    assert conv.pending_creates == deque() and conv.item_creates == deque() and conv.commits == deque()
+    assert not conv.pending_creates and not conv.item_creates and not conv.commits
 
 
 @pytest.mark.parametrize(
@@ -293,18 +320,21 @@ def test_null_id_errors_with_nothing_to_answer_change_nothing(code: str | None) 
         ("conversation_already_has_active_response", ([], ["i1"], ["k1"])),
         ("input_audio_buffer_commit_empty", (["r1"], ["i1"], [])),
         ("item_create_duplicate_item_id", (["r1"], [], ["k1"])),
-        ("invalid_value", (["r1"], ["i1"], ["k1"])),
+        # No code, or one we do not know: the oldest command in flight (servers answer in order).
+        ("invalid_value", ([], ["i1"], ["k1"])),
+        (None, ([], ["i1"], ["k1"])),
     ],
 )
 def test_null_id_errors_answer_the_oldest_event_of_the_kind_their_code_names(
     code: str, left: tuple[list[str], list[str], list[str]]
 ) -> None:
-    """With the event id null, the code picks the kind (response create, commit, item create) and its oldest goes."""
+    """With the event id null, the code picks the kind (response create, commit, item create) and its oldest goes;
+    with no code or an unknown one, the oldest command of any kind."""
     conv = Conversation()
     client(conv, {"type": "response.create", "event_id": "r1"})
     client(conv, {"type": "conversation.item.create", "event_id": "i1", "item": {}})
     client(conv, {"type": "input_audio_buffer.commit", "event_id": "k1"})
     conv.client_event_failed(None, code)
     assert [p.event_id for p in conv.pending_creates] == left[0]
-    assert [e[0] for e in conv.item_creates] == left[1]
-    assert list(conv.commits) == left[2]
+    assert ids(conv.item_creates) == left[1]
+    assert ids(conv.commits) == left[2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from proxy.core.conversation import Kind
 from proxy.core.session import Binary, Session
 from tests.core.playbook import Play, types
 
@@ -71,27 +72,31 @@ def test_ga_added_then_done_is_one_item_and_deleted_removes_it() -> None:
     assert p.session.conversation.item_ids == ["b"]
 
 
-def test_out_of_band_response_items_are_not_tracked() -> None:
-    """Items of a response with conversation_id null are not in the conversation, even if an item event names them."""
+def test_out_of_band_response_items_are_tracked_when_an_item_event_names_them() -> None:
+    """Evidence beats intent: an out-of-band response's item that an item event announces is in the conversation."""
     p = Play()
     p.client({"type": "response.create", "response": {"conversation": "none"}})
     p.response_created("r1", conversation_id=None)
     assert not p.session.conversation.response_in_progress
     p.upstream({"type": "response.output_item.added", "response_id": "r1", "item": {"id": "oob1"}})
+    assert p.session.conversation.item_ids == []  # announced as output only: not in the conversation yet
     p.upstream({"type": "conversation.item.added", "item": {"id": "oob1"}, "previous_item_id": None})
-    assert p.session.conversation.item_ids == []
+    assert p.session.conversation.item_ids == ["oob1"]
+    assert p.session.conversation.response_in_progress  # it adds items: a reset waits for it
     p.response_done("r1")
     assert p.session.conversation.active_responses == {}
 
 
-def test_out_of_band_is_taken_from_the_request_when_the_response_has_no_conversation_id() -> None:
-    """Without conversation_id on the response, the client's `conversation: "none"` decides."""
+def test_a_response_without_conversation_id_is_of_unknown_kind() -> None:
+    """Without conversation_id the kind is unknown: a reset waits for it, and cancels it unless it answered an
+    out-of-band request."""
     p = Play()
     p.client({"type": "response.create", "response": {"conversation": "none"}})
     p.upstream({"type": "response.created", "response": {"id": "r1"}})
-    assert p.session.conversation.active_responses == {"r1": False}
+    assert p.session.conversation.active_responses == {"r1": Kind.UNKNOWN}
     p.upstream({"type": "response.created", "response": {"id": "r2"}})  # server VAD: nobody asked
-    assert p.session.conversation.active_responses == {"r1": False, "r2": True}
+    assert p.session.conversation.awaited_responses() == ["r1", "r2"]
+    assert p.session.conversation.conversation_responses() == ["r2"]
 
 
 def test_response_in_progress_from_create_until_done_or_error() -> None:
@@ -119,9 +124,9 @@ def test_committed_audio_is_pending_until_its_item_arrives() -> None:
     """`input_audio_buffer.committed` announces an item that is tracked once its item event arrives."""
     p = Play()
     p.upstream({"type": "input_audio_buffer.committed", "item_id": "u1", "previous_item_id": None})
-    assert p.session.conversation.pending_items == {"u1"}
+    assert list(p.session.conversation.pending_items) == ["u1"]
     p.item("u1", None)
-    assert p.session.conversation.pending_items == set()
+    assert not p.session.conversation.pending_items
     assert p.session.conversation.item_ids == ["u1"]
 
 
@@ -650,6 +655,6 @@ def test_a_server_vad_commit_does_not_answer_the_clients_commit() -> None:
     p.upstream({"type": "input_audio_buffer.speech_started"})  # no item id: nothing to note
     p.client({"type": "input_audio_buffer.commit", "event_id": "k1"})
     p.upstream({"type": "input_audio_buffer.committed", "item_id": "vad1", "previous_item_id": None})
-    assert list(p.session.conversation.commits) == ["k1"]
+    assert [c.event_id for c in p.session.conversation.commits] == ["k1"]
     p.upstream({"type": "input_audio_buffer.committed", "item_id": "u1", "previous_item_id": "vad1"})
-    assert list(p.session.conversation.commits) == []
+    assert not p.session.conversation.commits

@@ -1,0 +1,391 @@
+"""Impolite servers: each test is a trace of something a real server does that once wedged or fooled the core.
+
+Every test here failed on the core before the "survive real servers" change (issue 9) and passes after it.
+"""
+
+from __future__ import annotations
+
+from proxy.core.events import ResetRequest
+from proxy.core.reset import Reset
+from proxy.core.session import LateResponse, Session
+from tests.core.playbook import Play, types
+
+NULL = None
+
+
+def reset_completed(down: list[dict[str, object]]) -> dict[str, object]:
+    (completed,) = [e for e in down if e["type"] == "session.reset.completed"]
+    return completed
+
+
+# --- 1. no stale state ----------------------------------------------------------------------------
+
+
+def test_a_commit_refused_with_null_code_and_id_does_not_stall_the_next_reset() -> None:
+    """An `error` with code and event_id null answers the oldest command in flight: the reset does not wait for a
+    committed item that will never come."""
+    p = Play()
+    p.items("a")
+    p.client({"type": "input_audio_buffer.commit", "event_id": "k1"})
+    _, down = p.error(NULL, NULL, "buffer too small")
+    assert types(down) == ["error"]  # the client's error reaches the client
+    up, _ = p.client({"type": "session.reset", "event_id": "r1"})
+    _, down = p.ack_all(up)
+    assert reset_completed(down)["deleted_item_ids"] == ["a"]
+
+
+def test_a_refused_response_create_with_null_code_and_id_leaves_no_phantom_response() -> None:
+    """After a `response.create` refused with nulls, resets delete at once instead of waiting for a response."""
+    p = Play()
+    p.items("a", "b")
+    p.client({"type": "response.create", "event_id": "c1"})
+    p.error(NULL, NULL, "model overloaded", error_type="server_error")
+    assert not p.session.conversation.response_in_progress
+    up, _ = p.client({"type": "session.reset"})
+    assert types(up) == ["input_audio_buffer.clear", "conversation.item.delete", "conversation.item.delete"]
+    _, down = p.ack_all(up)
+    assert reset_completed(down)["deleted_item_ids"] == ["a", "b"]
+
+
+def test_an_error_with_a_code_never_seen_answers_the_oldest_command_in_flight() -> None:
+    """An unknown code with a null event_id is treated like a null code: the oldest create in flight failed."""
+    p = Play()
+    p.client({"type": "conversation.item.create", "event_id": "i1", "item": {"type": "message"}})
+    _, down = p.error("some_new_code_2027", NULL, "no")
+    assert types(down) == ["error"]
+    up, down = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert up == [] and types(down) == ["session.reset.completed"]
+
+
+def test_a_command_that_is_never_answered_is_forgotten_when_it_ages_out() -> None:
+    """A create nobody answers holds a reset only until it is `reset_timeout` old: the reset then completes
+    (not timed out), at the moment the deadline says."""
+    p = Play(reset_timeout=10.0)
+    p.client({"type": "conversation.item.create", "event_id": "i1", "item": {"type": "message"}})
+    p.clock.now += 4.0
+    up, down = p.client({"type": "session.reset", "event_id": "r1", "clear_input_audio": False})
+    assert up == [] and down == []
+    assert p.session.paused and p.session.deadline == 1010.0  # when i1 ages out, before the reset's own 1014
+    p.clock.now = 1010.0
+    p.session.handle_timeout()
+    _, down = p.take()
+    assert types(down) == ["session.reset.completed"] and not p.session.paused
+    assert p.session.deadline is None
+
+
+def test_a_reset_long_after_an_unanswered_create_does_not_wait_at_all() -> None:
+    """Entries older than the timeout are pruned when a reset starts."""
+    p = Play(reset_timeout=10.0)
+    p.client({"type": "response.create", "event_id": "c1"})
+    p.client({"type": "input_audio_buffer.commit", "event_id": "k1"})
+    p.client({"type": "conversation.item.delete", "event_id": "d1", "item_id": "x"})
+    p.clock.now += 11.0
+    _, down = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert types(down) == ["session.reset.completed"]
+
+
+def test_after_a_timed_out_reset_the_next_one_deletes_again_as_on_a_fresh_connection() -> None:
+    """A delete lost by the server times the reset out; the next reset sends its own delete and completes, and the
+    old delete's late answer stays hidden."""
+    p = Play(reset_timeout=5.0)
+    p.items("a")
+    up, _ = p.client({"type": "session.reset", "event_id": "r1", "clear_input_audio": False})
+    (lost,) = up
+    p.clock.now += 5.0
+    p.session.handle_timeout()
+    p.take()
+    up, _ = p.client({"type": "session.reset", "event_id": "r2", "clear_input_audio": False})
+    assert types(up) == ["conversation.item.delete"] and up[0]["event_id"] != lost["event_id"]
+    _, down = p.deleted("a")
+    assert reset_completed(down)["deleted_item_ids"] == ["a"]
+    _, down = p.error("item_delete_invalid_item_id", lost["event_id"], "Error deleting item: the item with id 'a'")
+    assert down == []
+
+
+def test_a_late_ack_of_a_timed_out_delete_is_hidden_and_counts_for_the_running_reset() -> None:
+    """The old delete's ack, after the timeout, is ours: not shown, and the item is gone."""
+    p = Play(reset_timeout=5.0)
+    p.items("a", "b")
+    p.client({"type": "session.reset", "clear_input_audio": False})
+    p.clock.now += 5.0
+    p.session.handle_timeout()
+    p.take()
+    p.client({"type": "session.reset", "event_id": "r2", "clear_input_audio": False})
+    _, down = p.deleted("a")  # the answer to r2's delete of a
+    _, down = p.deleted("b")
+    assert reset_completed(down)["deleted_item_ids"] == ["a", "b"]
+    _, down = p.deleted("a")  # the answer to the timed-out reset's delete of a, at last
+    assert down == []
+
+
+def test_a_replaced_response_ends_when_the_new_one_starts() -> None:
+    """A server that replaces a running response without its `response.done`: the new one's `response.created`
+    ends the old one, and a reset cancels only the new one."""
+    p = Play()
+    p.response_created("r1")
+    p.response_created("r2")
+    assert p.session.conversation.conversation_responses() == ["r2"]
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert [(e["type"], e["response_id"]) for e in up] == [("response.cancel", "r2")]
+    _, down = p.response_done("r2", "cancelled")
+    assert reset_completed(down)["response_cancelled"] is True
+
+
+def test_a_replacement_settles_our_cancel_for_the_replaced_response() -> None:
+    """Our cancel for r1 is settled when r2 replaces r1: the reset then cancels r2 and does not wait for r1."""
+    p = Play()
+    p.response_created("r1")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert [e["response_id"] for e in up] == ["r1"]
+    up, _ = p.response_created("r2")
+    assert [(e["type"], e["response_id"]) for e in up] == [("response.cancel", "r2")]
+    _, down = p.response_done("r2", "cancelled")
+    assert types(down) == ["response.done", "session.reset.completed"]
+
+
+def test_vad_interrupting_the_response_before_our_cancel_is_handled_hides_the_not_active_error() -> None:
+    """Server VAD ends the response (`turn_detected`) just before our cancel lands; the server's not-active error
+    for our cancel, named or null, never reaches the client, and our cancel is not credited."""
+    for named in (True, False):
+        p = Play()
+        p.items("a")
+        p.response_created("r1")
+        up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+        (cancel,) = up
+        done = {"id": "r1", "status": "cancelled", "status_details": {"type": "cancelled", "reason": "turn_detected"}}
+        up, down = p.upstream({"type": "response.done", "response": {**done, "output": []}})
+        assert types(down) == ["response.done"] and types(up) == ["conversation.item.delete"]
+        _, down = p.error("response_cancel_not_active", cancel["event_id"] if named else NULL, "no active response")
+        assert down == []
+        _, down = p.ack_all(up)
+        assert reset_completed(down)["response_cancelled"] is False
+
+
+def test_a_clients_id_less_cancel_is_never_credited_with_an_out_of_band_response() -> None:
+    """An out-of-band response cancelled (by its own cancel) does not take the client's id-less cancel, which
+    applies to the conversation response; the reset's cancel then gets the not-active answer, hidden."""
+    p = Play()
+    p.response_created("oob", conversation_id=None)
+    p.response_created("r1")
+    p.client({"type": "response.cancel", "event_id": "c1"})  # the conversation response
+    p.response_done("oob", "cancelled")  # ended by something else (e.g. its own cancel by id)
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    (ours,) = up
+    _, down = p.response_done("r1", "cancelled")  # the client's cancel, sent first, ended it
+    assert types(down) == ["response.done", "session.reset.completed"]
+    assert down[1]["response_cancelled"] is False
+    _, down = p.error("response_cancel_not_active", ours["event_id"], "no active response")
+    assert down == []
+
+
+# --- 2. evidence over intent ----------------------------------------------------------------------
+
+
+def test_an_out_of_band_request_the_server_ignored_is_cancelled_and_its_item_deleted() -> None:
+    """The server ignores `conversation: "none"` and says so (conversation_id set): a reset cancels the response
+    and deletes its item."""
+    p = Play()
+    p.client({"type": "response.create", "event_id": "c1", "response": {"conversation": "none"}})
+    p.response_created("r1", conversation_id="conv_1")
+    p.output_item("r1", "o1")
+    p.item("o1")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert [(e["type"], e["response_id"]) for e in up] == [("response.cancel", "r1")]
+    up, _ = p.response_done("r1", "cancelled")
+    assert [e["item_id"] for e in up] == ["o1"]
+    _, down = p.ack_all(up)
+    assert reset_completed(down)["deleted_item_ids"] == ["o1"]
+
+
+def test_an_item_event_for_an_out_of_band_output_makes_the_reset_delete_it() -> None:
+    """The server says out of band (conversation_id null) but announces the item with an item event: tracked."""
+    p = Play()
+    p.client({"type": "response.create", "response": {"conversation": "none"}})
+    p.response_created("r1", conversation_id=None)
+    p.output_item("r1", "o1")
+    p.item("o1")
+    p.response_done("r1")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    _, down = p.ack_all(up)
+    assert reset_completed(down)["deleted_item_ids"] == ["o1"]
+
+
+# --- 3. late auto-responses -------------------------------------------------------------------------
+
+
+def test_a_late_auto_response_after_a_reset_is_cancelled_and_its_items_deleted() -> None:
+    """After a reset, a response nobody asked for since (the auto-response for audio the reset removed, started
+    after transcription) is cancelled and its output item deleted; our commands' answers stay hidden."""
+    p = Play()
+    p.items("u1")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    p.ack_all(up)
+    up, down = p.response_created("late")
+    assert [(e["type"], e["response_id"]) for e in up] == [("response.cancel", "late")]
+    assert types(down) == ["response.created"]
+    assert [n for n in p.session.take_notices() if isinstance(n, LateResponse)] == [LateResponse("late")]
+    p.output_item("late", "o1")
+    up, _ = p.item("o1")
+    assert [(e["type"], e["item_id"]) for e in up] == [("conversation.item.delete", "o1")]
+    _, down = p.ack_all(up)
+    assert down == []
+    _, down = p.response_done("late", "cancelled")
+    assert types(down) == ["response.done"]
+    assert p.session.conversation.item_ids == []
+
+
+def test_a_late_response_whose_item_arrives_before_the_announcement_or_only_in_its_done_is_cleaned() -> None:
+    """Output items already present, or listed only in `response.done`, are deleted too."""
+    p = Play()
+    up, _ = p.client({"type": "session.reset"})
+    p.ack_all(up)
+    p.response_created("late")
+    p.item("o1")
+    up, _ = p.output_item("late", "o1")  # announced after its item event
+    assert [e["item_id"] for e in up] == ["o1"]
+    p.ack_all(up)
+    p.item("o2")
+    done = {"id": "late", "status": "cancelled", "output": [{"id": "o2"}, {"id": "gone"}, "junk", {"id": 5}]}
+    up, _ = p.upstream({"type": "response.done", "response": done})
+    assert [e["item_id"] for e in up] == ["o2"]
+
+
+def test_a_response_after_new_input_since_the_reset_is_left_alone() -> None:
+    """A client response.create, a commit, or new speech since the reset makes a response legitimate."""
+    starts = [
+        lambda p: p.client({"type": "response.create"}),
+        lambda p: p.client({"type": "input_audio_buffer.commit"}),
+        lambda p: p.upstream({"type": "input_audio_buffer.speech_started", "item_id": "u2", "audio_start_ms": 0}),
+        lambda p: p.upstream({"type": "input_audio_buffer.timeout_triggered", "item_id": "u3"}),
+    ]
+    for start in starts:
+        p = Play()
+        up, _ = p.client({"type": "session.reset"})
+        p.ack_all(up)
+        start(p)
+        up, _ = p.response_created("fresh")
+        assert up == []
+
+
+def test_no_response_is_late_before_the_first_reset_or_while_one_runs() -> None:
+    """Without a reset behind it a response is the server's own business; during a reset the reset cancels it."""
+    p = Play()
+    up, _ = p.response_created("r0")
+    assert up == []
+    p.response_done("r0")
+    p.items("a")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    up, _ = p.response_created("r1")  # VAD mid-reset
+    assert [(e["type"], e["response_id"]) for e in up] == [("response.cancel", "r1")]
+    assert not [n for n in p.session.take_notices() if isinstance(n, LateResponse)]
+
+
+def test_an_idle_timeout_commit_is_an_item_on_its_way() -> None:
+    """`input_audio_buffer.timeout_triggered` names an item the server commits on its own: a reset waits for it,
+    and its committed event answers no client commit."""
+    p = Play()
+    p.upstream({"type": "input_audio_buffer.timeout_triggered", "item_id": "idle1", "audio_start_ms": 0})
+    up, down = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert up == [] and down == []
+    p.upstream({"type": "input_audio_buffer.committed", "item_id": "idle1", "previous_item_id": None})
+    up, _ = p.item("idle1", None)
+    assert [e["item_id"] for e in up] == ["idle1"]
+    _, down = p.ack_all(up)
+    assert reset_completed(down)["deleted_item_ids"] == ["idle1"]
+
+
+# --- 4. hold-back by back-pressure --------------------------------------------------------------------
+
+
+def test_the_session_is_paused_while_a_reset_runs() -> None:
+    """`paused` is the flow-control value the relay obeys: true from the reset's start to its end."""
+    p = Play()
+    p.items("a")
+    assert not p.session.paused
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert p.session.paused
+    p.client({"type": "input_audio_buffer.append", "audio": "AAAA"})
+    assert p.session.paused and p.session.held_count == 1
+    up2, _ = p.ack_all(up)
+    assert types(up2) == ["input_audio_buffer.append"] and not p.session.paused
+
+
+def test_once_one_held_event_is_refused_every_later_one_is_until_the_reset_ends() -> None:
+    """No hole in the audio: after a large append is refused, a small commit behind it is refused too; after the
+    reset, events pass again."""
+    p = Play(max_held_bytes=100)
+    p.items("a")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    _, down = p.client({"type": "input_audio_buffer.append", "event_id": "big", "audio": "A" * 200})
+    _, down2 = p.client({"type": "input_audio_buffer.commit", "event_id": "k1"})
+    assert [e["error"]["event_id"] for e in down + down2] == ["big", "k1"]
+    assert "every later event is refused too" in down2[0]["error"]["message"]
+    up2, _ = p.ack_all(up)
+    assert up2 == []  # nothing held: neither the append nor the commit went up
+    up3, _ = p.client({"type": "input_audio_buffer.commit", "event_id": "k2"})
+    assert types(up3) == ["input_audio_buffer.commit"]
+
+
+# --- 5. honest timeouts -------------------------------------------------------------------------------
+
+
+def test_a_timeout_says_what_was_awaited_and_what_was_deleted() -> None:
+    """The timeout error names the running response the server refused to cancel, the items still on their way,
+    the commands unanswered, and carries `deleted_item_ids` so far."""
+    p = Play(reset_timeout=5.0)
+    p.items("a", "b")
+    p.response_created("r1")
+    up, _ = p.client({"type": "session.reset", "event_id": "r1x"})
+    (cancel,) = up
+    up, _ = p.error(NULL, cancel["event_id"], "not implemented", error_type="server_error")
+    p.deleted("a")  # b's delete and the clear stay unanswered
+    p.clock.now += 5.0
+    p.session.handle_timeout()
+    _, down = p.take()
+    (error,) = down
+    assert error["error"]["code"] == "session_reset_timeout" and error["error"]["event_id"] == "r1x"
+    message = error["error"]["message"]
+    assert "the response r1 (the server refused to cancel it)" in message
+    assert "2 command(s) unanswered" in message
+    assert error["deleted_item_ids"] == ["a"] and error["reset_event_id"] == "r1x"
+
+
+def test_a_timeout_waiting_for_a_requested_response_and_items_says_so() -> None:
+    """A reset waiting on a client's response.create and a commit names both."""
+    p = Play(reset_timeout=5.0)
+    p.client({"type": "response.create"})
+    p.client({"type": "input_audio_buffer.commit"})
+    p.client({"type": "session.reset"})
+    p.clock.now += 5.0
+    p.session.handle_timeout()
+    _, down = p.take()
+    message = down[-1]["error"]["message"]
+    assert "still awaited: a requested response, 1 item(s) on their way" in message
+
+
+def test_a_reset_with_nothing_left_to_await_says_so() -> None:
+    """The description never comes out empty (a guard: a reset with nothing to await has completed)."""
+    p = Play()
+    p.client({"type": "session.reset", "clear_input_audio": False})
+    reset = p.session.reset
+    assert reset is None
+    idle = Reset(seq=1, request=ResetRequest(event_id=None), keep=frozenset(), started_at=0.0, deadline=1.0)
+    assert idle.awaiting(p.session.conversation) == "nothing it could name"
+
+
+# --- 6. unguessable ids -------------------------------------------------------------------------------
+
+
+def test_the_proxys_event_ids_carry_a_random_per_session_prefix() -> None:
+    """Two sessions never share a prefix, and a client id like `rrp_1` is never mistaken for ours."""
+    a, b = Session(), Session()
+    assert a.id_prefix != b.id_prefix and len(a.id_prefix) >= 16
+    p = Play()
+    p.client({"type": "response.create", "event_id": "rrp_1"})
+    _, down = p.error("conversation_already_has_active_response", "rrp_1", "busy")
+    assert types(down) == ["error"]
+    up, _ = p.client({"type": "input_audio_buffer.commit"})  # named by the proxy
+    named = p.session.conversation.commits[0].event_id
+    assert named is not None and named.startswith(p.session.id_prefix) and up[0]["event_id"] == named
+    _, down = p.error(NULL, named, "no audio")
+    assert types(down) == ["error"]  # a command the proxy named for the client is the client's
