@@ -8,7 +8,9 @@ and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,33 @@ REAL_CLIENT_EVENTS = frozenset(
 )
 
 _CREDENTIAL_QUERY_KEYS = frozenset({"api-key", "api_key", "apikey", "key", "token", "access_token"})
+_HEADER_VALUE = re.compile(r"[!-~]*")  # visible ASCII: an id, nothing that could split a header
+_DNS_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def _is_origin(value: str) -> bool:
+    """scheme://host[:port] and nothing else, the way a browser sends its Origin header."""
+    try:
+        url = URL(value)
+        return (
+            bool(url.scheme and url.host)
+            and url.raw_path in ("", "/")
+            and not (url.query_string or url.fragment or url.user)
+        )
+    except ValueError:
+        return False
+
+
+def _is_host_name(value: str) -> bool:
+    """A DNS name or an IP address (IPv6 with or without brackets), without a port; or "*"."""
+    if value == "*" or _DNS_NAME.fullmatch(value):
+        return True
+    try:
+        ipaddress.ip_address(value.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -63,12 +92,16 @@ class UpstreamConfig:
     connect_timeout_seconds: float = 10.0
     api_key_env: str = ""  # name of the environment variable holding the key; the key itself never goes here
     auth: UpstreamAuth = "bearer"
+    # Billing pins: sent upstream as OpenAI-Organization / OpenAI-Project when set, in place of the client's.
+    organization: str = ""
+    project: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     client_tokens_env: str = ""
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names, beside loopback ones, a key-holding proxy on loopback answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +195,28 @@ def _section(name: str, cls: type[Any], data: Any) -> Any:
     return cls(**values)
 
 
+def _validate_access(config: Config) -> None:
+    """The keys that decide who may connect and whom the key bills: a typo here must not fail open or shut."""
+    for key, pin in (
+        ("upstream.organization", config.upstream.organization),
+        ("upstream.project", config.upstream.project),
+    ):
+        if not _HEADER_VALUE.fullmatch(pin):
+            raise ConfigError(key, f"must be an id such as 'org-...' or 'proj_...' (no spaces), not {pin!r}")
+    for origin in config.auth.allowed_origins:
+        if origin != "*" and not _is_origin(origin):
+            raise ConfigError(
+                "auth.allowed_origins",
+                f'{origin!r} is not an origin: write scheme://host[:port], e.g. "https://app.example.com"',
+            )
+    for name in config.auth.allowed_hosts:
+        if not _is_host_name(name):
+            raise ConfigError(
+                "auth.allowed_hosts",
+                f'{name!r} is not a host name: write it without scheme or port, e.g. "proxy.internal"',
+            )
+
+
 def _validate(config: Config) -> None:
     listen = config.listen
     for key, port in (("listen.port", listen.port), ("admin.port", config.admin.port)):
@@ -195,6 +250,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             "upstream.url", f"must be a ws://, wss://, http:// or https:// URL with a host, not {config.upstream.url!r}"
         )
+    _validate_access(config)
     positive = {
         "upstream.connect_timeout_seconds": config.upstream.connect_timeout_seconds,
         "reset.timeout_seconds": config.reset.timeout_seconds,

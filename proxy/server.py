@@ -16,11 +16,20 @@ from collections.abc import Sequence
 import aiohttp
 import structlog
 from aiohttp import WSCloseCode, hdrs, web
+from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, MultiDict, MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
-from proxy.auth import Secrets, config_warnings, load_secrets, refusal, upstream_credentials
+from proxy.auth import (
+    Secrets,
+    config_warnings,
+    host_refusal,
+    load_secrets,
+    refusal,
+    token_refusal,
+    upstream_credentials,
+)
 from proxy.config import Config
 from proxy.core.errors import ConfigError, UpstreamRefused, UpstreamUnreachable
 from proxy.metrics import Metrics
@@ -59,7 +68,7 @@ def _json_refusal(status: int, code: str, message: str) -> web.Response:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    if request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
+    if not _is_upgrade(request):
         return web.Response(
             status=426, text="this is a Realtime API WebSocket proxy: connect with a WebSocket client\n"
         )
@@ -78,6 +87,27 @@ async def handle(request: web.Request) -> web.StreamResponse:
             state.idle.set()
 
 
+def _is_upgrade(request: web.Request) -> bool:
+    return request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+
+
+def _refuse(request: web.Request, conn_log: structlog.stdlib.BoundLogger, status: int, message: str) -> web.Response:
+    if _is_upgrade(request):  # the metric counts refused sessions, not refused scrapes
+        request.app[STATE].metrics.clients_refused.labels(str(status)).inc()
+    conn_log.info("client_refused", status=status, reason=message)
+    return _json_refusal(status, "proxy_unauthorized" if status == 401 else "proxy_forbidden", message)
+
+
+@web.middleware
+async def rebinding_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request on the main port, upgrade or admin route, is checked for a DNS-rebinding Host first."""
+    state = request.app[STATE]
+    reason = host_refusal(state.config, state.secrets, request.headers.get(hdrs.HOST))
+    if reason is not None:
+        return _refuse(request, log.bind(path=request.path), 403, reason)
+    return await handler(request)
+
+
 def _draining(state: ServerState) -> web.Response:
     state.metrics.clients_refused.labels("503").inc()
     return _json_refusal(503, "proxy_draining", "the proxy is shutting down; connect again")
@@ -90,10 +120,7 @@ async def _serve(
     offered = offered_subprotocols(request)
     refused = refusal(config, state.secrets, request.headers, offered)
     if refused is not None:
-        status, message = refused
-        state.metrics.clients_refused.labels(str(status)).inc()
-        conn_log.info("client_refused", status=status, reason=message)
-        return _json_refusal(status, "proxy_unauthorized" if status == 401 else "proxy_forbidden", message)
+        return _refuse(request, conn_log, *refused)
     # With an injected key the client's own credentials are dropped, the Azure browser form (?api-key=) too.
     url = upstream_url(config.upstream.url, request.query, drop=("api-key",) if state.secrets.upstream_key else ())
     headers, protocols = upstream_credentials(config, state.secrets, request.headers, offered)
@@ -171,6 +198,18 @@ async def metrics_route(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def main_port_metrics_route(request: web.Request) -> web.Response:
+    """/metrics beside the WebSocket endpoint: where clients must show a token, so must a scraper.
+
+    /healthz and /readyz stay open there (a probe carries no token, and they tell only up and ready).
+    """
+    state = request.app[STATE]
+    unauthorized = token_refusal(state.secrets, request.headers)
+    if unauthorized is not None:
+        return _refuse(request, log.bind(path=request.path), 401, unauthorized)
+    return await metrics_route(request)
+
+
 class ServerState:
     """Everything one proxy (one process) shares between its connections."""
 
@@ -209,18 +248,18 @@ async def _close_sockets(app: web.Application) -> None:
     )
 
 
-def _add_admin_routes(app: web.Application) -> None:
+def _add_admin_routes(app: web.Application, *, main_port: bool) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_route)
+    app.router.add_get("/metrics", main_port_metrics_route if main_port else metrics_route)
 
 
 def create_app(state: ServerState, *, admin_routes: bool = True) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[rebinding_guard])
     app[STATE] = state
     app.on_shutdown.append(_close_sockets)
     if admin_routes:
-        _add_admin_routes(app)
+        _add_admin_routes(app, main_port=True)
     app.router.add_route("GET", "/{tail:.*}", handle)
     return app
 
@@ -251,7 +290,7 @@ class ProxyServer:
         if admin_port:
             admin = web.Application()
             admin[STATE] = self.state
-            _add_admin_routes(admin)
+            _add_admin_routes(admin, main_port=False)
             self._runners.append(web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=5.0))
         self.port = 0
         self.admin_port = 0
@@ -270,9 +309,12 @@ class ProxyServer:
             admin_host = self.config.admin.host or listen.host
             await web.TCPSite(runner, admin_host, self.config.admin.port, reuse_port=self._reuse_port or None).start()
             self.admin_port = int(runner.addresses[0][1])
+        self.log_config_warnings()
+        return self.port
+
+    def log_config_warnings(self) -> None:
         for warning in config_warnings(self.config, self.state.secrets):
             log.warning("config_warning", problem=warning)
-        return self.port
 
     @property
     def url(self) -> str:

@@ -117,6 +117,14 @@ BAD_FILES: list[tuple[str, str, str]] = [
     ("url-scheme-ftp", '[upstream]\nurl = "ftp://api.openai.com/v1/realtime"\n', "upstream.url"),
     ("url-no-scheme", '[upstream]\nurl = "api.openai.com/v1/realtime"\n', "upstream.url"),
     ("url-no-host", '[upstream]\nurl = "wss:///v1/realtime"\n', "upstream.url"),
+    ("organization-with-space", '[upstream]\norganization = "org 1"\n', "upstream.organization"),
+    ("project-with-newline", '[upstream]\nproject = "proj_1\\nX-Evil: 1"\n', "upstream.project"),
+    ("project-not-str", "[upstream]\nproject = 5\n", "upstream.project"),
+    ("origin-without-scheme", '[auth]\nallowed_origins = ["app.example.com"]\n', "auth.allowed_origins"),
+    ("origin-with-path", '[auth]\nallowed_origins = ["https://app.example.com/app"]\n', "auth.allowed_origins"),
+    ("origin-null", '[auth]\nallowed_origins = ["null"]\n', "auth.allowed_origins"),
+    ("host-with-port", '[auth]\nallowed_hosts = ["proxy.internal:8765"]\n', "auth.allowed_hosts"),
+    ("host-as-url", '[auth]\nallowed_hosts = ["http://proxy.internal"]\n', "auth.allowed_hosts"),
 ]
 
 
@@ -221,3 +229,19 @@ def test_credentials_pinned_in_the_upstream_url_are_refused(key: str) -> None:
     with pytest.raises(ConfigError) as info:
         config_from_dict({"upstream": {"url": f"wss://example.openai.azure.com/openai/realtime?{key}=secret"}})
     assert info.value.key == "upstream.url" and "api_key_env" in str(info.value) and "secret" not in str(info.value)
+
+
+def test_access_keys_accept_what_browsers_and_host_headers_carry() -> None:
+    """Origins with a port or a trailing slash, "*", host names, IPs (IPv6 bracketed or not) and ids all load."""
+    config = config_from_dict(
+        {
+            "upstream": {"organization": "org-AbC123", "project": "proj_abc"},
+            "auth": {
+                "allowed_origins": ["https://app.example.com", "http://localhost:5173/", "*"],
+                "allowed_hosts": ["proxy.internal", "proxy.internal.", "10.0.0.5", "::1", "[fd00::1]", "*"],
+            },
+        }
+    )
+    assert config.upstream.organization == "org-AbC123" and config.upstream.project == "proj_abc"
+    assert config.auth.allowed_origins[1] == "http://localhost:5173/"
+    assert config.auth.allowed_hosts[-1] == "*"

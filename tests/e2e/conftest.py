@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import io
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pytest
+import structlog
 from websockets.asyncio.client import ClientConnection, connect
 
-from proxy.config import config_from_dict
+from proxy.config import LoggingConfig, config_from_dict
+from proxy.logs import configure_logging
 from proxy.server import ProxyServer
 from proxy.simulator import SimSession, Simulator, SimulatorConfig
 
@@ -90,3 +94,21 @@ def item_event(text: str, item_id: str | None = None) -> Event:
 
 
 INTERNAL = {"conversation.item.deleted", "input_audio_buffer.cleared"}
+
+
+@pytest.fixture
+def json_logs() -> Iterator[Callable[[], list[Event]]]:
+    """The real logging set-up (configure_logging, JSON) writing to a buffer; call the result for the lines so far.
+
+    The previous structlog and root-logger set-up is put back afterwards.
+    """
+    saved_config, root = structlog.get_config(), logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(level="info", format="json"), stream=stream)
+    try:
+        yield lambda: [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        structlog.configure(**saved_config)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)

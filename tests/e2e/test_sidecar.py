@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -40,7 +41,8 @@ async def refused_status(target: str, **kwargs: Any) -> tuple[int, dict[str, Any
         async with connect(target, **kwargs):
             pass
     response = info.value.response
-    return response.status_code, orjson.loads(response.body or b"{}")
+    body = response.body or b""
+    return response.status_code, orjson.loads(body) if body.startswith(b"{") else {}  # a 502's reason is text
 
 
 async def test_client_tokens_gate_connections_before_any_upstream_dial() -> None:
@@ -179,7 +181,8 @@ async def test_upstream_failures_and_refusals_are_counted() -> None:
         await refused_status(url(proxy))
         await refused_status(url(proxy), additional_headers={"Authorization": "Bearer t"})
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        async with http.get(f"http://127.0.0.1:{proxy.port}/metrics") as r:
+        # With client tokens set, /metrics on the main port asks for one too.
+        async with http.get(f"http://127.0.0.1:{proxy.port}/metrics", headers={"Authorization": "Bearer t"}) as r:
             values = metric_values(await r.text())
         assert values[("realtime_proxy_clients_refused_total", (("status", "401"),))] == 1
         assert values[("realtime_proxy_upstream_connect_failures_total", (("status", "429"),))] == 1
@@ -208,7 +211,7 @@ def test_config_warnings_name_the_risky_set_ups() -> None:
     """An injected key on a public address without tokens, and tokens without a key, each draw a warning."""
     from proxy.auth import config_warnings
 
-    public = config_from_dict({"listen": {"host": "0.0.0.0"}})
+    public = config_from_dict({"listen": {"host": "0.0.0.0"}, "admin": {"port": 9090}})
     assert "anyone who can reach this port" in config_warnings(public, Secrets(upstream_key="k"))[0]
     assert config_warnings(public, Secrets(upstream_key="k", client_tokens=(b"t",))) == []
     local = config_from_dict({})
@@ -240,26 +243,13 @@ async def test_injected_key_drops_the_clients_api_key_query_parameter() -> None:
         assert sim.sessions[0].query == {"model": "m"}
 
 
-def test_json_logs_keep_tracebacks_as_data() -> None:
+def test_json_logs_keep_tracebacks_as_data(json_logs: Callable[[], list[dict[str, Any]]]) -> None:
     """In JSON format an exception is logged as structured frames, not lost as exc_info=true."""
-    import io
-    import logging
-
     import structlog
 
-    from proxy.config import LoggingConfig
-    from proxy.logs import configure_logging
-
-    saved_config, saved_handlers = structlog.get_config(), logging.getLogger().handlers[:]
-    stream = io.StringIO()
     try:
-        configure_logging(LoggingConfig(level="info", format="json"), stream=stream)
-        try:
-            raise ValueError("boom")
-        except ValueError:
-            structlog.get_logger("test").exception("failed")
-    finally:
-        structlog.configure(**saved_config)
-        logging.getLogger().handlers[:] = saved_handlers
-    line = orjson.loads(stream.getvalue().splitlines()[-1])
+        raise ValueError("boom")
+    except ValueError:
+        structlog.get_logger("test").exception("failed")
+    line = json_logs()[-1]
     assert line["event"] == "failed" and line["exception"][0]["exc_type"] == "ValueError"
