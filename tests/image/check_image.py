@@ -191,7 +191,10 @@ class Process:
 
     def ids(self) -> tuple[list[int], list[int]]:
         """Real, effective, saved and filesystem uids and gids of the running process, from /proc."""
-        status = Path(f"/proc/{self.popen.pid}/status").read_text(encoding="utf-8")
+        try:
+            status = Path(f"/proc/{self.popen.pid}/status").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise Fatal(f"exited {self.popen.wait()} right after `listening`") from None
         uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
         gids = re.search(r"^Gid:\s+(.*)$", status, re.M)
         assert uids is not None and gids is not None
