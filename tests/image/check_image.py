@@ -43,7 +43,11 @@ NOT_LOCKED = {"pip", "setuptools", "realtime-reset-proxy"}
 
 
 class Fatal(Exception):
-    """A step that later checks depend on failed; its message is the check's detail."""
+    """A step that later checks depend on failed: reported as the failed check `name`, and the run ends."""
+
+    def __init__(self, detail: str, name: str = "abort") -> None:
+        super().__init__(detail)
+        self.name = name
 
 
 class Report:
@@ -228,7 +232,7 @@ def main() -> int:
         try:
             checks(report, tmp / "rootfs")
         except Fatal as exc:
-            report.check("abort", False, str(exc))
+            report.check(exc.name, False, str(exc))
     print(f"image-test: {report.count - report.failed}/{report.count} checks passed", flush=True)
     return 1 if report.failed else 0
 
@@ -255,8 +259,8 @@ def checks(report: Report, rootfs: Path) -> None:
     if numeric and uid != 0 and gid != 0:
         named = f"/etc/passwd names it {entry[0]!r}, shell {entry[6]}" if entry else "no /etc/passwd entry"
         report.check("user", True, f"USER {user}: numeric, non-root; {named}")
-    else:
-        report.check("user", False, f"USER {user!r}: want a numeric non-root uid:gid")
+    else:  # nothing to run it as: the checks that run the image cannot be made
+        raise Fatal(f"USER {user!r}: want a numeric non-root uid:gid", name="user")
 
     locked, installed = locked_versions(), installed_versions(rootfs)
     strays = {n: v for n, v in installed.items() if n not in NOT_LOCKED and locked.get(n) != v}
