@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8766)
     simulate.add_argument("--server-vad", action="store_true", help="turn server VAD on by default")
-    demo = sub.add_parser("demo", help="simulator + proxy + a scripted client: several tasks, a reset after each")
+    demo = sub.add_parser("demo", help="simulator + proxy + a client: the same tasks without, then with resets")
     demo.add_argument("--tasks", type=int, default=3)
     return parser
 
