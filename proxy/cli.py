@@ -82,7 +82,12 @@ def _run_workers(config: Config, config_path: str | None) -> int:
 
     # prometheus_client's multiprocess mode: each worker keeps its metrics in files here, and a scrape of any
     # worker sums them all. A fresh directory per run: counts left by an earlier run must not be added in.
-    metrics_dir = tempfile.mkdtemp(prefix="realtime-reset-proxy-metrics-")
+    try:
+        metrics_dir = tempfile.mkdtemp(prefix="realtime-reset-proxy-metrics-")
+    except OSError as exc:  # a read-only root filesystem with no writable TMPDIR, say
+        raise ConfigError(
+            "listen.workers", f"more than 1 needs a writable temporary directory (TMPDIR): {exc}"
+        ) from exc
     os.environ[MULTIPROC_DIR_ENV] = metrics_dir  # the spawned workers inherit it before they import anything
     context = multiprocessing.get_context("spawn")
     workers = [
