@@ -111,4 +111,8 @@ def render(trace: Trace) -> str:
 
 
 if __name__ == "__main__":
+    from proxy.config import LoggingConfig
+    from proxy.logs import configure_logging
+
+    configure_logging(LoggingConfig(level="warning", format="console"))
     print(render(asyncio.run(reset_trace())))
