@@ -66,7 +66,7 @@ async def _run(
     chunk = orjson.dumps({"type": "input_audio_buffer.append", "audio": tone_chunk()})
     async with connect(proxy.url + "?model=gpt-realtime", compression=None) as ws:
         await _until(ws, "session.created")
-        upstream = await sim.wait_for_sessions(len(sim.sessions))
+        upstream = sim.sessions[-1]  # this connection's: the simulator adds it before it sends session.created
         for task in range(1, tasks + 1):
             for _ in range(10):  # 200 ms of audio: one "case" to handle
                 await ws.send(chunk, text=True)
