@@ -65,28 +65,55 @@ def _worker(config_path: str | None) -> None:
     """One of several processes sharing the port (SO_REUSEPORT); the kernel spreads connections."""
     config = load_config(config_path)
     configure_logging(config.logging)
+    # Every line this worker logs names it (asyncio copies this context into the tasks that serve requests).
+    structlog.contextvars.bind_contextvars(pid=os.getpid())
     _run(_serve(config, reuse_port=True))
 
 
 def _run_workers(config: Config, config_path: str | None) -> int:
     import multiprocessing
+    import multiprocessing.connection
+    import shutil
+    import tempfile
 
+    from prometheus_client.multiprocess import mark_process_dead
+
+    from proxy.metrics import MULTIPROC_DIR_ENV
+
+    # prometheus_client's multiprocess mode: each worker keeps its metrics in files here, and a scrape of any
+    # worker sums them all. A fresh directory per run: counts left by an earlier run must not be added in.
+    try:
+        metrics_dir = tempfile.mkdtemp(prefix="realtime-reset-proxy-metrics-")
+    except OSError as exc:  # a read-only root filesystem with no writable TMPDIR, say
+        raise ConfigError(
+            "listen.workers", f"more than 1 needs a writable temporary directory (TMPDIR): {exc}"
+        ) from exc
+    os.environ[MULTIPROC_DIR_ENV] = metrics_dir  # the spawned workers inherit it before they import anything
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker, args=(config_path,), name=f"worker-{i}") for i in range(config.listen.workers)
     ]
-    for process in workers:
-        process.start()
 
     def forward(sig: int, _frame: object) -> None:
         for process in workers:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, sig)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for process in workers:
-        process.join()
+    try:
+        for process in workers:
+            process.start()
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        running = list(workers)
+        while running:
+            ready = multiprocessing.connection.wait([p.sentinel for p in running])
+            for process in [p for p in running if p.sentinel in ready]:
+                running.remove(process)
+                process.join()
+                # Its "now" gauges (open connections, held events) leave the sum; its counters stay in it.
+                mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call]
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return max((p.exitcode or 0) for p in workers)
 
 
@@ -110,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8766)
     simulate.add_argument("--server-vad", action="store_true", help="turn server VAD on by default")
-    demo = sub.add_parser("demo", help="simulator + proxy + a scripted client: several tasks, a reset after each")
+    demo = sub.add_parser("demo", help="simulator + proxy + a client: the same tasks without, then with resets")
     demo.add_argument("--tasks", type=int, default=3)
     return parser
 

@@ -18,7 +18,7 @@ import structlog
 from aiohttp import WSCloseCode, hdrs, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, MultiDict, MultiMapping
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from yarl import URL
 
 from proxy.auth import (
@@ -32,7 +32,7 @@ from proxy.auth import (
 )
 from proxy.config import Config
 from proxy.core.errors import ConfigError, UpstreamRefused, UpstreamUnreachable
-from proxy.metrics import Metrics
+from proxy.metrics import SHARED_SYNC_SECONDS, Metrics
 from proxy.relay import Relay
 from proxy.upstream import client_session as upstream_client_session
 from proxy.upstream import open_upstream
@@ -194,7 +194,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_route(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[STATE].metrics.registry)
+    body = request.app[STATE].metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -294,6 +294,13 @@ class ProxyServer:
             self._runners.append(web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=5.0))
         self.port = 0
         self.admin_port = 0
+        self._metrics_sync: asyncio.Task[None] | None = None
+
+    async def _sync_metrics(self) -> None:
+        """With workers: publish the open connections' counts for the other workers' scrapes, now and then."""
+        while True:
+            await asyncio.sleep(SHARED_SYNC_SECONDS)
+            self.state.metrics.sync()
 
     async def start(self) -> int:
         listen = self.config.listen
@@ -310,6 +317,8 @@ class ProxyServer:
             await web.TCPSite(runner, admin_host, self.config.admin.port, reuse_port=self._reuse_port or None).start()
             self.admin_port = int(runner.addresses[0][1])
         self.log_config_warnings()
+        if self.state.metrics.shared_dir is not None:
+            self._metrics_sync = asyncio.create_task(self._sync_metrics(), name="metrics-sync")
         return self.port
 
     def log_config_warnings(self) -> None:
@@ -332,6 +341,9 @@ class ProxyServer:
 
     async def stop(self) -> None:
         """Close what is still open with 1001 (going away), then the listeners."""
+        if self._metrics_sync is not None:
+            self._metrics_sync.cancel()
+            await asyncio.gather(self._metrics_sync, return_exceptions=True)
         for runner in self._runners:
             await runner.cleanup()
         await self.state.close()

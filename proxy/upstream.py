@@ -1,6 +1,6 @@
 """Dialing the upstream WebSocket with aiohttp's client.
 
-Why aiohttp and not websockets here (measured with bench/, see the README): its frame reader and writer are
+Why aiohttp and not websockets here (measured with bench/, see docs/development.md): its frame reader and writer are
 compiled, it hands TEXT frames over as bytes (`decode_text=False`) and writes bytes as TEXT (`send_frame`), so
 a frame crosses the proxy without a decode or an encode; and it masks client frames without a system call
 per frame. The one thing it does not expose is the body of a refused handshake, which we must pass on (a

@@ -83,19 +83,32 @@ def test_help_lists_the_subcommands() -> None:
     assert result.stderr == ""
 
 
-def test_demo_prints_each_task_emptied_by_its_reset() -> None:
-    """`demo --tasks 2` exits 0 and prints two task lines, each with items before the reset and 0 after it."""
-    result = run_cli("demo", "--tasks", "2")
+DEMO_TASK = re.compile(r"^  task (\d): billed +(\d+) input tokens; upstream conversation holds (\d+) items(.*)$")
+
+
+def test_demo_bills_growing_input_without_resets_and_flat_input_with_them() -> None:
+    """`demo --tasks 4`: the input tokens billed per task grow without resets and stay flat with a reset after each."""
+    result = run_cli("demo", "--tasks", "4")
     assert result.returncode == 0, result.stderr
-    task_lines = [line for line in result.stdout.splitlines() if line.startswith("task ")]
-    assert len(task_lines) == 2, result.stdout
-    pattern = re.compile(r"^task (\d+): upstream held (\d+) items before the reset .*; 0 after \[\]; reset took ")
-    for number, line in enumerate(task_lines, start=1):
-        match = pattern.match(line)
-        assert match is not None, line
-        assert int(match.group(1)) == number
-        assert int(match.group(2)) > 0  # the reset had something to delete
-    assert "2 tasks on one connection" in result.stdout
+    lines = result.stdout.splitlines()
+    split = next(i for i, line in enumerate(lines) if line.startswith("The same 4 tasks"))
+    runs = [
+        [DEMO_TASK.fullmatch(line) for line in part if line.startswith("  task ")]
+        for part in (lines[:split], lines[split:])
+    ]
+    assert all(len(run) == 4 and all(run) for run in runs), result.stdout
+    (without, with_reset) = ([m.groups() for m in run if m] for run in runs)
+    billed_without = [int(g[1]) for g in without]
+    billed_with = [int(g[1]) for g in with_reset]
+    assert [g[0] for g in without] == [g[0] for g in with_reset] == ["1", "2", "3", "4"]
+    assert billed_without == sorted(set(billed_without)), billed_without  # growing
+    assert billed_with == [billed_without[0]] * 4, billed_with  # flat: each task starts from an empty conversation
+    # Each task adds its two items (the user's audio, the reply); without resets they pile up.
+    assert [g[2] for g in without] == ["2", "4", "6", "8"] and all(g[3] == "" for g in without)
+    assert [g[2] for g in with_reset] == ["2"] * 4
+    assert all(re.fullmatch(r"; session.reset deleted 2 in [\d.]+ ms, 0 left", g[3]) for g in with_reset)
+    totals = f"Input tokens billed for 4 tasks: {sum(billed_without)} without resets, {sum(billed_with)} with them"
+    assert lines[-1].startswith(totals)
     assert "Traceback" not in result.stderr
 
 

@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proxy.simulator import Simulator, SimulatorConfig
 from tests.e2e.conftest import Client, item_event
+from tests.e2e.test_sidecar import metric_values
 
 KEY = "sk-secret-key-123"
 TOKEN = "tok-proxy-456"
@@ -75,7 +76,9 @@ class Proc:
 
 
 @asynccontextmanager
-async def proxy_process(tmp_path: Path, sim: Simulator, **listen: Any) -> AsyncIterator[Proc]:
+async def proxy_process(
+    tmp_path: Path, sim: Simulator, env: dict[str, str] | None = None, **listen: Any
+) -> AsyncIterator[Proc]:
     port = free_port()
     listen_toml = "\n".join(f"{k} = {v}" for k, v in listen.items())
     config = tmp_path / "config.toml"
@@ -98,9 +101,14 @@ level = "info"
 format = "json"
 """
     )
-    env = {**os.environ, "RRP_TEST_KEY": KEY, "RRP_TEST_TOKENS": TOKEN}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--config", str(config), stderr=asyncio.subprocess.PIPE, env=env
+        sys.executable,
+        "-m",
+        "proxy",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "RRP_TEST_KEY": KEY, "RRP_TEST_TOKENS": TOKEN, **(env or {})},
     )
     proc = Proc(process, port)
     try:
@@ -195,3 +203,87 @@ async def test_several_workers_share_the_port(tmp_path: Path) -> None:
         assert len(sim.sessions) == 6
         proc.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.process.wait(), 15) == 0
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One /metrics scrape on a fresh TCP connection, so the kernel picks the worker anew each time."""
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as r,
+    ):
+        assert r.status == 200
+        return metric_values(await r.text())
+
+
+async def test_one_scrape_of_any_worker_shows_the_sum_over_all_workers(tmp_path: Path) -> None:
+    """With workers = 2, sessions served by both workers add up in every scrape; the metrics dir goes at exit."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    async with (
+        Simulator(SimulatorConfig(api_key=KEY)) as sim,
+        proxy_process(tmp_path, sim, env={"TMPDIR": str(tmp)}, workers=2) as proc,
+    ):
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        listening = await proc.wait_logs(lambda e: e.get("event") == "listening", count=2)
+        pids = {e["pid"] for e in listening}
+        assert pids == set(worker_children(proc.process.pid))
+        [metrics_dir] = list(tmp.iterdir())  # the parent's fresh PROMETHEUS_MULTIPROC_DIR
+        assert metrics_dir.name.startswith("realtime-reset-proxy-metrics-")
+
+        # Sessions until each worker has served some (SO_REUSEPORT spreads them), each with a different load.
+        closed: list[dict[str, Any]] = []
+        sessions = 0
+        while {e["pid"] for e in closed} != pids:
+            assert sessions < 64, "the kernel never spread sessions over both workers"
+            sessions += 1
+            async with connect(proc.url, additional_headers=headers) as ws:
+                client = Client(ws)
+                await client.until("session.created")
+                for n in range(sessions % 3 + 1):
+                    await client.send(item_event(f"session {sessions} item {n}"))
+                    await client.until("conversation.item.added")
+                await client.send({"type": "session.reset"})
+                await client.until("session.reset.completed")
+            closed = await proc.wait_logs(lambda e: e.get("event") == "connection_closed", count=sessions)
+
+        # One open session on each worker, each sending one event: the "now" gauge, and counts still flowing.
+        async with AsyncExitStack() as stack:
+            open_pids: set[int] = set()
+            opened = 0
+            while open_pids != pids:
+                assert opened < 64, "the kernel never spread sessions over both workers"
+                opened += 1
+                client = Client(await stack.enter_async_context(connect(proc.url, additional_headers=headers)))
+                await client.until("session.created")
+                await client.send(item_event("still open"))
+                await client.until("conversation.item.added")
+                logs = await proc.wait_logs(lambda e: e.get("event") == "connection_open", count=sessions + opened)
+                open_pids.add(logs[-1]["pid"])
+            up_so_far = sum(e["frames_up"] for e in closed) + opened
+            values = await scrape(proc.port)
+            assert values[("realtime_proxy_connections_open", ())] == opened
+            # The other worker publishes its open sessions' counts every second; the scraped one at once.
+            async with asyncio.timeout(5.0):
+                while values[("realtime_proxy_frames_total", (("direction", "upstream"),))] < up_so_far:
+                    values = await scrape(proc.port)
+            assert values[("realtime_proxy_frames_total", (("direction", "upstream"),))] == up_so_far
+
+        closed = await proc.wait_logs(lambda e: e.get("event") == "connection_closed", count=sessions + opened)
+        expected = {
+            ("realtime_proxy_connections_total", ()): sessions + opened,
+            ("realtime_proxy_connections_open", ()): 0,
+            ("realtime_proxy_resets_total", (("outcome", "completed"),)): sessions,
+            ("realtime_proxy_upstream_connect_seconds_count", ()): sessions + opened,
+            ("realtime_proxy_items_deleted_total", ()): sum(n % 3 + 1 for n in range(1, sessions + 1)),
+        }
+        for key, field in (("frames", "frames"), ("bytes", "bytes")):
+            for direction, d in (("upstream", "up"), ("downstream", "down")):
+                expected[(f"realtime_proxy_{key}_total", (("direction", direction),))] = sum(
+                    e[f"{field}_{d}"] for e in closed
+                )
+        for _ in range(4):  # whichever worker answers
+            values = await scrape(proc.port)
+            assert {k: values[k] for k in expected} == expected
+        proc.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.process.wait(), 15) == 0
+    assert list(tmp.iterdir()) == []
