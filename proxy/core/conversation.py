@@ -9,8 +9,9 @@ Rules (both generations):
 - `input_audio_buffer.committed` (and GA `.timeout_triggered`, which commits on its own) announces an item
   that is not there yet: it is *pending* until its item event arrives, so a reset can wait for it.
 - A response's kind is the server's word when `response.created` carries `conversation_id` (null: out of
-  band). Without it the kind is *unknown*: a reset waits for it, and cancels it unless the request it answered
-  asked for out of band; an item event for one of its output items settles it as in the conversation.
+  band). Without it the kind is *unknown* (pairing it with a request by order is a guess that server-started
+  responses break): a reset cancels it and waits for it, as for a conversation response; an item event for one
+  of its output items settles it as in the conversation.
 - A response is *in progress* from the moment a client `response.create` is forwarded (or the upstream
   starts one itself, e.g. server VAD) until its `response.done` (whatever its status or reason), until an
   `error` answers that create, or until a new in-conversation `response.created` replaces it (the server runs
@@ -56,6 +57,11 @@ from proxy.core.events import (
 _REMEMBER_REMOVED = 1024
 
 
+def names_item_create(code: str | None) -> bool:
+    """An error code that says a `conversation.item.create` failed (`item_create_invalid_previous_item_id`, ...)."""
+    return code is not None and code.startswith("item_create")
+
+
 class Kind(Enum):
     """What a running response can do to the conversation."""
 
@@ -92,7 +98,6 @@ class Conversation:
         self._vad_items: set[str] = set()
         self.active_responses: dict[str, Kind] = {}
         self._outputs: dict[str, list[str]] = {}  # response id → its announced output items
-        self._oob_requested: set[str] = set()  # unknown-kind responses that answered an out-of-band request
 
     # --- items ------------------------------------------------------------------------------------
 
@@ -142,7 +147,6 @@ class Conversation:
             # A response's output item entered the conversation: evidence of the response's kind.
             if self.active_responses.get(rid) is not None:
                 self.active_responses[rid] = Kind.CONVERSATION
-                self._oob_requested.discard(rid)
             return
         for entry in self.item_creates:
             if entry.item_id == item_id:
@@ -188,7 +192,7 @@ class Conversation:
             queue = self.pending_creates
         elif code == CODE_COMMIT_EMPTY:
             queue = self.commits
-        elif code is not None and code.startswith("item_create"):
+        elif names_item_create(code):
             queue = self.item_creates
         else:
             # No code, or one we do not know: the oldest command still waiting is the likeliest.
@@ -226,28 +230,20 @@ class Conversation:
     @property
     def response_in_progress(self) -> bool:
         """A response that can still add items to the conversation runs or is about to start."""
-        return bool(self.awaited_responses()) or self.response_requested
+        return bool(self.conversation_responses()) or self.response_requested
 
     @property
     def response_requested(self) -> bool:
         """A client asked for a response that can add items, and it has not started yet."""
         return any(not p.out_of_band for p in self.pending_creates)
 
-    def awaited_responses(self) -> list[str]:
-        """Running responses that can add items: a reset waits for them."""
-        return [rid for rid, kind in self.active_responses.items() if kind is not Kind.OUT_OF_BAND]
-
     def conversation_responses(self) -> list[str]:
-        """Running responses a reset cancels: in the conversation, or unknown and not asked for out of band."""
-        return [
-            rid
-            for rid, kind in self.active_responses.items()
-            if kind is Kind.CONVERSATION or (kind is Kind.UNKNOWN and rid not in self._oob_requested)
-        ]
+        """Running responses that can add items (in the conversation, or of unknown kind): a reset cancels them
+        and waits for them."""
+        return [rid for rid, kind in self.active_responses.items() if kind is not Kind.OUT_OF_BAND]
 
     def end_response(self, response_id: str) -> bool:
         """The response is over; returns whether it was running."""
-        self._oob_requested.discard(response_id)
         for item_id in self._outputs.pop(response_id, ()):
             self._output_of.pop(item_id, None)
         return self.active_responses.pop(response_id, None) is not None
@@ -307,16 +303,15 @@ class Conversation:
         if not isinstance(response, dict):
             return []
         rid = str_or_none(response.get("id"))
-        pending = self.pending_creates.popleft() if self.pending_creates else None
+        if self.pending_creates:
+            self.pending_creates.popleft()  # it answers the oldest request (a guess only for which one)
         if rid is None:
             return []
         if "conversation_id" in response:
-            # The server's own word wins over our guess from the request.
+            # The server's own word.
             kind = Kind.OUT_OF_BAND if response["conversation_id"] is None else Kind.CONVERSATION
         else:
             kind = Kind.UNKNOWN
-            if pending is not None and pending.out_of_band:
-                self._oob_requested.add(rid)
         ended: list[str] = []
         if kind is Kind.CONVERSATION:
             # One conversation response at a time: a new one shows the old one is over, done or not.

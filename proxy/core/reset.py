@@ -77,7 +77,7 @@ class Reset:
                     send("cancel", rid)
         # Deleting while a response runs races its output items: quiet first (again, should one start
         # mid-reset: server VAD on audio committed before our clear).
-        if conv.response_requested or any(r not in self.refused for r in conv.awaited_responses()):
+        if conv.response_requested or any(r not in self.refused for r in conv.conversation_responses()):
             self.phase = Phase.QUIETING
             return False
         if self.phase is Phase.QUIETING:
@@ -104,7 +104,7 @@ class Reset:
             self.waiting.discard(item_id)
             self.attempted.add(item_id)
             send("delete", item_id)
-        if self.outstanding or self.waiting or conv.items_on_their_way or conv.awaited_responses():
+        if self.outstanding or self.waiting or conv.items_on_their_way or conv.conversation_responses():
             return False
         failed = set(self.failed)
         return all(i in self.keep or i in failed for i in conv.item_ids)
@@ -112,7 +112,7 @@ class Reset:
     def awaiting(self, conv: Conversation) -> str:
         """What the reset still waits for, in words (for a timeout's message)."""
         parts: list[str] = []
-        for rid in conv.awaited_responses():
+        for rid in conv.conversation_responses():
             why = " (the server refused to cancel it)" if rid in self.refused else ""
             parts.append(f"the response {rid}{why}")
         if conv.response_requested:

@@ -20,8 +20,9 @@ Rules:
   flight, the client's first (sent before any reset of ours began), then ours.
 - Nothing waits without a deadline. A reset waits only for what was sent or announced less than
   `reset_timeout` ago; older entries are forgotten, and :attr:`Session.deadline` is the earliest moment one
-  ages out. A reset that times out forgets everything it waited for, so the next one starts as on a fresh
-  connection holding the same items.
+  ages out. A reset that times out forgets the commands it waited for, so the next one starts as on a fresh
+  connection holding the same items; a response still running is the exception (only its end shows it is
+  over): the next reset cancels it again, and deletes alongside instead of waiting for it first.
 - Evidence beats intent: a `response.done` ends its response whatever its status; a new conversation
   response ends the one before it. A cancelled `response.done` is credited to the first cancel sent that names
   it (a client's id-less cancel applies to conversation responses only), unless its reason shows it was not a
@@ -41,7 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.core.conversation import Conversation, Kind
+from proxy.core.conversation import Conversation, Kind, names_item_create
 from proxy.core.errors import InvalidSyntheticEvent
 from proxy.core.events import (
     AUDIO_CLEAR,
@@ -261,6 +262,7 @@ class Session:
         # After a reset: no client response.create, commit or new speech since (a response now is a late one).
         self._quiet_since_reset = False
         self._doomed: set[str] = set()  # late responses: cancelled, their items deleted as they appear
+        self._unstoppable: set[str] = set()  # responses a timed-out reset could not stop
         self._doomed_items: dict[str, None] = {}
 
     # --- output -----------------------------------------------------------------------------------
@@ -452,6 +454,7 @@ class Session:
             started_at=now,
             deadline=now + self.config.reset_timeout,
         )
+        self.reset.refused.update(self._unstoppable)
         self._advance()
 
     def _invalid(self, exc: InvalidSyntheticEvent, event: Event) -> None:
@@ -628,8 +631,9 @@ class Session:
                 for entry in self._cancel_fifo:
                     if entry.event_id == event_id:
                         entry.settled = True
-        for rid in self.conversation.awaited_responses():
-            self.conversation.end_response(rid)
+        # A response still running is not stale (only its end, or a replacement, shows it is over): the next
+        # reset cancels it again, but deletes alongside instead of holding back for it.
+        self._unstoppable.update(self.conversation.conversation_responses())
 
     # --- upstream → client --------------------------------------------------------------------------
 
@@ -670,7 +674,7 @@ class Session:
         elif etype == OUTPUT_ITEM_ADDED or (self._doomed_items and etype in ITEM_EVENTS):
             item = event.get("item")
             item_id = str_or_none(item.get("id")) if isinstance(item, dict) else None
-            if etype == OUTPUT_ITEM_ADDED and event.get("response_id") in self._doomed:
+            if etype == OUTPUT_ITEM_ADDED and str_or_none(event.get("response_id")) in self._doomed:
                 self._doom_item(item_id)
             self._delete_doomed(item_id)
         if not internal or self.config.forward_internal_events:
@@ -726,12 +730,13 @@ class Session:
         if self._client_clears:
             self._client_clears.popleft()
             return False
+        if self._late_clears:
+            # A timed-out reset's clear, answered at last: sent before any clear of ours still awaited.
+            self._late_clears -= 1
+            return True
         if self._clears:
             event_id = self._clears.popleft()
             self._answered(event_id, self._commands.pop(event_id))
-            return True
-        if self._late_clears:
-            self._late_clears -= 1  # a timed-out reset's clear, answered at last
             return True
         return False
 
@@ -809,6 +814,7 @@ class Session:
                 entry.settled = True
                 self._cancel_answered(entry.event_id, cancelled=False)
         self._doomed.discard(rid)
+        self._unstoppable.discard(rid)
 
     def _cancel_answered(self, event_id: str, *, cancelled: bool) -> None:
         cmd = self._commands.pop(event_id)  # an unsettled cancel of ours is always still a command
@@ -852,7 +858,7 @@ class Session:
             return oldest.ours
         if code in _NO_COMMAND_CODES or self.conversation.client_event_failed(None, code):
             return False
-        if (code is None or code not in _KNOWN_CODES) and self._commands:
+        if (code is None or (code not in _KNOWN_CODES and not names_item_create(code))) and self._commands:
             # Nothing of the client's in flight that it could answer: the oldest command of ours failed.
             event_id, cmd = next(iter(self._commands.items()))
             del self._commands[event_id]

@@ -360,25 +360,28 @@ def test_a_late_delete_error_after_a_timeout_is_hidden_and_reported_nowhere() ->
     assert resets_finished(p) == []
 
 
-def test_a_timed_out_reset_forgets_the_response_it_waited_for_and_owns_the_late_answers() -> None:
-    """After a timed-out reset the next one starts as on a fresh connection; the old cancel's late done is
-    forwarded as the server's, its late not-active error stays hidden, and neither touches the new reset."""
+def test_a_response_outliving_a_timed_out_reset_is_cancelled_again_with_deletes_alongside() -> None:
+    """A response outliving a timed-out reset is cancelled again by the next one, which deletes without waiting for
+    it first and completes with its done; the old cancel's late answers stay hidden."""
     p = Play(reset_timeout=5.0)
     p.response_created("r1")
-    up, _ = p.client({"type": "session.reset", "event_id": "x1", "clear_input_audio": False})
+    p.client({"type": "session.reset", "event_id": "x1", "clear_input_audio": False})
     p.clock.now += 5.0
     p.session.handle_timeout()
     p.take()
-    assert p.session.conversation.active_responses == {}
     p.items("a")
     up2, _ = p.client({"type": "session.reset", "event_id": "x2", "clear_input_audio": False})
-    assert types(up2) == ["conversation.item.delete"]
-    _, down = p.response_done("r1", "cancelled")
-    assert types(down) == ["response.done"]
-    _, down = p.error(NOT_ACTIVE, up[0]["event_id"], "no active response")
-    assert down == []
+    assert [(e["type"], e.get("response_id", e.get("item_id"))) for e in up2] == [
+        ("response.cancel", "r1"),
+        ("conversation.item.delete", "a"),
+    ]
     _, down = p.ack_all(up2)
-    assert types(down) == ["session.reset.completed"] and down[0]["response_cancelled"] is False
+    assert down == []
+    _, down = p.response_done("r1", "cancelled")
+    assert types(down) == ["response.done", "session.reset.completed"]
+    assert down[1]["reset_event_id"] == "x2" and down[1]["deleted_item_ids"] == ["a"]
+    _, down = p.error(NOT_ACTIVE, up2[0]["event_id"], "no active response")
+    assert down == []
 
 
 # --- defensive guards: not reachable through client_frame / upstream_frame ------------------------------

@@ -991,13 +991,17 @@ def test_regression_second_cancel_after_a_timeout_leaks_its_error() -> None:
     s.handle_timeout()
     up, down = _take(s)
     assert [e["error"]["code"] for e in down] == ["session_reset_timeout"]
-    # A timed-out reset forgets the response it waited for: reset2 starts as on a fresh connection (no second
-    # cancel), so only one cancel of ours is in flight.
-    assert [(e["type"], e.get("response_id")) for e in up] == [("input_audio_buffer.clear", None)]
-    # The response ends by itself before the server reads the cancel; the cancel is then refused.
+    # reset2's cancel, and (the response is one a timed-out reset could not stop) its clear alongside.
+    assert [(e["type"], e.get("response_id")) for e in up] == [
+        ("response.cancel", "resp_1"),
+        ("input_audio_buffer.clear", None),
+    ]
+    # The response ends by itself before the server reads either cancel; both cancels are then refused.
     done = {"id": "resp_1", "status": "completed", "conversation_id": "conv_1", "output": []}
     _, down = _upstream(s, {"type": "response.done", "response": done})
     assert [e["type"] for e in down] == ["response.done"]
+    _, down = _upstream(s, _NOT_ACTIVE_NULL_ID)
+    assert down == []
     _, down = _upstream(s, _NOT_ACTIVE_NULL_ID)
     assert down == [], "an answer to the proxy's own cancel reached the client"
 

@@ -88,15 +88,16 @@ def test_out_of_band_response_items_are_tracked_when_an_item_event_names_them() 
 
 
 def test_a_response_without_conversation_id_is_of_unknown_kind() -> None:
-    """Without conversation_id the kind is unknown: a reset waits for it, and cancels it unless it answered an
-    out-of-band request."""
+    """Without conversation_id the kind is unknown, whatever the request it seems to answer asked for: a reset
+    cancels it and waits for it."""
     p = Play()
     p.client({"type": "response.create", "response": {"conversation": "none"}})
     p.upstream({"type": "response.created", "response": {"id": "r1"}})
     assert p.session.conversation.active_responses == {"r1": Kind.UNKNOWN}
     p.upstream({"type": "response.created", "response": {"id": "r2"}})  # server VAD: nobody asked
-    assert p.session.conversation.awaited_responses() == ["r1", "r2"]
-    assert p.session.conversation.conversation_responses() == ["r2"]
+    assert p.session.conversation.conversation_responses() == ["r1", "r2"]
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert [e["response_id"] for e in up] == ["r1", "r2"]
 
 
 def test_response_in_progress_from_create_until_done_or_error() -> None:
