@@ -98,6 +98,8 @@ class Conversation:
         self._vad_items: set[str] = set()
         self.active_responses: dict[str, Kind] = {}
         self._outputs: dict[str, list[str]] = {}  # response id → its announced output items
+        # Ids that creates forgotten by age had chosen: their late item answers no other create.
+        self._expired_ids: dict[str, None] = {}
 
     # --- items ------------------------------------------------------------------------------------
 
@@ -141,6 +143,9 @@ class Conversation:
 
     def _answer_item_create(self, item_id: str) -> None:
         if item_id in self.pending_items:
+            return
+        if item_id in self._expired_ids:
+            del self._expired_ids[item_id]
             return
         rid = self._output_of.pop(item_id, None)
         if rid is not None:
@@ -217,7 +222,11 @@ class Conversation:
         cutoff = now - self.max_age
         for queue in (self.pending_creates, self.item_creates, self.commits):
             while queue and queue[0].sent_at <= cutoff:
-                queue.popleft()
+                expired = queue.popleft()
+                if expired.item_id is not None:
+                    self._expired_ids[expired.item_id] = None
+                    if len(self._expired_ids) > _REMEMBER_REMOVED:
+                        del self._expired_ids[next(iter(self._expired_ids))]
         pending = self.pending_items
         while pending:
             item_id, announced_at = next(iter(pending.items()))

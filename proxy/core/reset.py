@@ -38,6 +38,7 @@ class Command:
     target: str | None
     reset_seq: int  # 0: not a reset's (the clean-up of a late response)
     sent_at: float = 0.0
+    order: int = 0  # place among every delete sent, the client's and ours (answers come in that order)
 
 
 @dataclass(slots=True)

@@ -249,13 +249,14 @@ class Session:
         self._clears: deque[str] = deque()
         self._cancel_fifo: deque[_Cancel] = deque()  # every cancel in flight, ours and the client's, as sent
         # Answers that may still come for commands we stopped waiting for (a timed-out reset's): they are ours.
-        self._late_deletes: dict[str, int] = {}  # item id → late answers still to come
+        self._late_deletes: dict[str, list[int]] = {}  # item id → the orders of late answers still to come
+        self._order = 0  # counts every delete sent, the client's and ours
         self._late_clears = 0
         # Client commands in flight whose answers look like ours: tell them apart.
         # item id → client event ids, oldest first; they stay until answered, for telling answers apart, but a
         # reset stops waiting for one once it is older than the timeout (bounded by _MAX_LATE).
         self._client_deletes: dict[str, list[str]] = {}
-        self._client_delete_ids: dict[str, tuple[str, float]] = {}  # client event id → (item id, sent at)
+        self._client_delete_ids: dict[str, tuple[str, float, int]] = {}  # client event id → (item id, sent at, order)
         self._client_delete_sent: dict[str, float] = {}  # item id → when its newest client delete was sent
         self._client_clears: deque[tuple[str, float]] = deque()  # (client event id, sent at) not answered yet
         self._client_interesting = _CLIENT_INTERESTING | self.config.reset_types | self.config.checkpoint_types
@@ -404,10 +405,11 @@ class Session:
             item_id = str_or_none(event.get("item_id"))
             if item_id is not None:
                 self._client_deletes.setdefault(item_id, []).append(client_id)
-                self._client_delete_ids[client_id] = (item_id, now)
+                self._order += 1
+                self._client_delete_ids[client_id] = (item_id, now, self._order)
                 self._client_delete_sent[item_id] = now
                 if len(self._client_delete_ids) > _MAX_LATE:
-                    old_id, (old_item, _) = next(iter(self._client_delete_ids.items()))
+                    old_id, (old_item, _, _) = next(iter(self._client_delete_ids.items()))
                     self._client_delete_done(old_item, old_id)
         elif etype == AUDIO_CLEAR:
             self._client_clears.append((client_id, now))
@@ -490,7 +492,8 @@ class Session:
         reset = self.reset
         event_id = self._new_id(command=True)
         now = self._clock()
-        self._commands[event_id] = Command(kind, target, reset.seq if reset is not None else 0, now)
+        self._order += 1
+        self._commands[event_id] = Command(kind, target, reset.seq if reset is not None else 0, now, self._order)
         if reset is not None:
             reset.outstanding.add(event_id)
         if kind == "delete":
@@ -539,19 +542,18 @@ class Session:
         target = cmd.target
         assert target is not None
         del self._deletes[target]
-        self._late_deletes[target] = self._late_deletes.get(target, 0) + 1
+        self._late_deletes.setdefault(target, []).append(cmd.order)
         if len(self._late_deletes) > _MAX_LATE:
             del self._late_deletes[next(iter(self._late_deletes))]
         return cmd
 
     def _late_answer(self, item_id: str) -> bool:
         """An answer for `item_id` that may be the late one of a delete we stopped waiting for."""
-        count = self._late_deletes.get(item_id)
-        if count is None:
+        orders = self._late_deletes.get(item_id)
+        if orders is None:
             return False
-        if count > 1:
-            self._late_deletes[item_id] = count - 1
-        else:
+        orders.pop(0)
+        if not orders:
             del self._late_deletes[item_id]
         return True
 
@@ -686,20 +688,35 @@ class Session:
         item_id = str_or_none(event.get("item_id"))
         if item_id is None:
             return False
-        event_id = self._deletes.get(item_id)
+        # Deletes are answered in the order sent: the answer is the oldest delete's still waiting for one.
+        candidates: list[tuple[int, str]] = []
         client = self._client_deletes.get(item_id)
-        if client and (event_id is None or self._client_delete_ids[client[0]][1] <= self._commands[event_id].sent_at):
-            # The client's delete was sent first: the answer is the client's. Ours, also on its way, has done
-            # what it was for (the item is gone); its own answer may still come and is known as ours.
+        if client:
+            candidates.append((self._client_delete_ids[client[0]][2], "client"))
+        event_id = self._deletes.get(item_id)
+        if event_id is not None:
+            candidates.append((self._commands[event_id].order, "ours"))
+        late = self._late_deletes.get(item_id)
+        if late:
+            candidates.append((late[0], "late"))
+        if not candidates:
+            return False
+        whose = min(candidates)[1]
+        if whose == "client":
             self._client_delete_done(item_id, None)
             if event_id is not None:
+                # Ours, also on its way, has done what it was for (the item is gone); its own answer may still
+                # come and is known as ours.
                 self._answered(event_id, self._forget_delete(event_id))
             return False
-        if event_id is None:
-            if self._late_answer(item_id):
-                self._confirm_deleted(item_id)  # a delete we stopped waiting for, answered at last
-                return True
-            return False
+        if whose == "late":
+            self._late_answer(item_id)  # a delete we stopped waiting for, answered at last
+            self._confirm_deleted(item_id)
+            if event_id is not None:
+                # The item is gone, which is all our newer delete was for; its answer is known as ours.
+                self._answered(event_id, self._forget_delete(event_id))
+            return True
+        assert event_id is not None
         del self._deletes[item_id]
         cmd = self._commands.pop(event_id)
         self._confirm_deleted(item_id)
@@ -712,10 +729,8 @@ class Session:
             self.reset.deleted.append(item_id)
 
     def _client_delete_done(self, item_id: str, client_event_id: str | None) -> None:
-        """One of the client's deletes of `item_id` was answered: the one named, else the oldest."""
-        pending = self._client_deletes.get(item_id)
-        if not pending:
-            return
+        """One of the client's deletes of `item_id` (one is in flight) was answered: the one named, else the oldest."""
+        pending = self._client_deletes[item_id]
         if client_event_id in pending:
             pending.remove(client_event_id)
         else:
@@ -907,8 +922,7 @@ class Session:
         target = cmd.target
         reset = self.reset if self.reset is not None and self.reset.seq == cmd.reset_seq else None
         if cmd.kind == "delete" and target is not None:
-            if self._deletes.get(target) == event_id:
-                del self._deletes[target]
+            del self._deletes[target]  # every delete of ours still awaited is there, under its target
             if code == CODE_UNKNOWN_ITEM:
                 self.conversation.remove(target)  # already gone: that is what we wanted
             elif reset is not None:

@@ -338,3 +338,35 @@ def test_null_id_errors_answer_the_oldest_event_of_the_kind_their_code_names(
     assert [p.event_id for p in conv.pending_creates] == left[0]
     assert ids(conv.item_creates) == left[1]
     assert ids(conv.commits) == left[2]
+
+
+def test_an_output_item_of_a_response_never_seen_starting_is_just_an_item() -> None:
+    """An output item announced for a response we never saw created enters as an item and sets no kind."""
+    conv = Conversation()
+    feed(conv, {"type": "response.output_item.added", "response_id": "r9", "item": {"id": "o1"}})
+    feed(conv, created("o1"))
+    assert conv.item_ids == ["o1"] and conv.active_responses == {}
+
+
+def test_the_late_item_of_a_create_forgotten_by_age_answers_no_other_create() -> None:
+    """A create that chose its id and aged out: when its item finally comes, a newer id-less create still waits."""
+    clock = [1000.0]
+    conv = Conversation(lambda: clock[0], max_age=10.0)
+    client(conv, {"type": "conversation.item.create", "event_id": "c1", "item": {"id": "mine"}})
+    clock[0] += 11.0
+    client(conv, {"type": "conversation.item.create", "event_id": "c2", "item": {"type": "message"}})
+    assert creates(conv) == [("c2", None)]
+    feed(conv, created("mine"))
+    assert creates(conv) == [("c2", None)] and conv.item_ids == ["mine"]
+
+
+def test_the_memory_of_expired_ids_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the bound the oldest expired id is forgotten."""
+    monkeypatch.setattr(conversation_module, "_REMEMBER_REMOVED", 1)
+    clock = [1000.0]
+    conv = Conversation(lambda: clock[0], max_age=10.0)
+    client(conv, {"type": "conversation.item.create", "event_id": "c1", "item": {"id": "m1"}})
+    client(conv, {"type": "conversation.item.create", "event_id": "c2", "item": {"id": "m2"}})
+    clock[0] += 11.0
+    conv.prune(clock[0])
+    assert list(conv._expired_ids) == ["m2"]

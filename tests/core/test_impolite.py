@@ -5,6 +5,9 @@ Every test here failed on the core before the "survive real servers" change (iss
 
 from __future__ import annotations
 
+import pytest
+
+import proxy.core.session as session_module
 from proxy.core.events import ResetRequest
 from proxy.core.reset import Reset
 from proxy.core.session import LateResponse, Session
@@ -389,3 +392,207 @@ def test_the_proxys_event_ids_carry_a_random_per_session_prefix() -> None:
     assert named is not None and named.startswith(p.session.id_prefix) and up[0]["event_id"] == named
     _, down = p.error(NULL, named, "no audio")
     assert types(down) == ["error"]  # a command the proxy named for the client is the client's
+
+
+# --- bounds and the clean-up's own commands ---------------------------------------------------------
+
+
+def late_response_with_item(p: Play, rid: str = "late", item_id: str = "o1") -> dict[str, object]:
+    """A reset, then a late response with one output item; returns our clean-up delete for it."""
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    p.ack_all(up)
+    p.response_created(rid)
+    p.output_item(rid, item_id)
+    up, _ = p.item(item_id)
+    (delete,) = up
+    return delete
+
+
+def test_a_reset_waits_for_a_clean_up_delete_already_on_its_way() -> None:
+    """A reset that starts while our clean-up delete is in flight waits for it instead of deleting twice."""
+    p = Play()
+    late_response_with_item(p)
+    p.response_done("late", "cancelled")
+    up, _ = p.client({"type": "session.reset", "event_id": "r2", "clear_input_audio": False})
+    assert up == []
+    _, down = p.deleted("o1")
+    assert reset_completed(down)["deleted_item_ids"] == ["o1"]
+
+
+def test_a_clean_up_delete_unanswered_past_the_timeout_is_sent_again_by_the_next_reset() -> None:
+    """Our clean-up delete that nobody answers ages out: the next reset sends its own, and a late answer to the
+    first stays hidden."""
+    p = Play(reset_timeout=5.0)
+    first = late_response_with_item(p)
+    p.response_done("late", "cancelled")
+    p.clock.now += 5.0
+    up, _ = p.client({"type": "session.reset", "event_id": "r2", "clear_input_audio": False})
+    assert [e["item_id"] for e in up] == ["o1"] and up[0]["event_id"] != first["event_id"]
+    _, down = p.deleted("o1")
+    assert reset_completed(down)["deleted_item_ids"] == ["o1"]
+    _, down = p.error("item_delete_invalid_item_id", None, "Error deleting item: the item with id 'o1' does not exist.")
+    assert down == []
+
+
+def test_clean_up_commands_refused_are_hidden_and_touch_no_reset() -> None:
+    """The server refuses our clean-up cancel and delete: both errors are ours, the item stays, nothing fails."""
+    p = Play()
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    p.ack_all(up)
+    (cancel,), _ = p.response_created("late")
+    _, down = p.error(None, cancel["event_id"], "not implemented", error_type="server_error")
+    assert down == []
+    p.output_item("late", "o1")
+    (delete,), _ = p.item("o1")
+    _, down = p.error("server_error", delete["event_id"], "boom", error_type="server_error")
+    assert down == [] and p.session.conversation.item_ids == ["o1"]
+
+
+def test_the_memory_of_client_deletes_late_deletes_and_doomed_items_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client deletes nobody answers, late answers we wait for and a late response's items are kept to a bound."""
+    monkeypatch.setattr(session_module, "_MAX_LATE", 2)
+    p = Play(reset_timeout=5.0)
+    for i in range(3):
+        p.client({"type": "conversation.item.delete", "event_id": f"d{i}", "item_id": f"x{i}"})
+    assert list(p.session._client_delete_ids) == ["d1", "d2"]
+    p.items("a", "b", "c")
+    p.client({"type": "session.reset", "clear_input_audio": False})
+    p.clock.now += 5.0
+    p.session.handle_timeout()
+    assert len(p.session._late_deletes) == 2 and set(p.session._late_deletes) < {"a", "b", "c"}
+    p.take()
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    p.ack_all(up)
+    p.response_created("late")
+    for item_id in ("o1", "o2", "o3"):
+        p.output_item("late", item_id)
+    assert list(p.session._doomed_items) == ["o2", "o3"]
+
+
+def test_a_clean_up_cancel_unanswered_past_the_timeout_stops_being_awaited_but_stays_ours() -> None:
+    """Our clean-up cancel nobody answers ages out when the next reset starts (which cancels again); the done
+    that finally comes is the first cancel's, and the second cancel's not-active error stays hidden."""
+    p = Play(reset_timeout=5.0)
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    p.ack_all(up)
+    (cancel,), _ = p.response_created("late")
+    p.clock.now += 5.0
+    (again,), _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert again["response_id"] == "late" and cancel["event_id"] not in p.session._commands
+    _, down = p.response_done("late", "cancelled")
+    assert types(down) == ["response.done", "session.reset.completed"]
+    _, down = p.error("response_cancel_not_active", None, "no active response")
+    assert down == []
+
+
+def test_a_clients_stale_delete_answered_first_takes_the_ack_and_ours_waits_for_its_own() -> None:
+    """A client delete older than the timeout is not waited for: the reset deletes too. The first answer is the
+    client's (sent first); ours is then settled, and its own answer (does not exist) stays hidden."""
+    p = Play(reset_timeout=5.0)
+    p.items("x")
+    p.client({"type": "conversation.item.delete", "event_id": "d1", "item_id": "x"})
+    p.clock.now += 6.0
+    (ours,), _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert ours["item_id"] == "x"
+    _, down = p.deleted("x")
+    assert types(down) == ["conversation.item.deleted", "session.reset.completed"]
+    assert down[1]["deleted_item_ids"] == []  # the client's delete removed it, not the reset's
+    _, down = p.error("item_delete_invalid_item_id", ours["event_id"], "Error deleting item: the item with id 'x'")
+    assert down == []
+
+
+def test_a_late_responses_item_during_a_new_reset_is_left_to_that_reset() -> None:
+    """A clean-up never races a running reset: the reset deletes the late response's item itself."""
+    p = Play()
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    p.ack_all(up)
+    p.response_created("late")
+    p.output_item("late", "o1")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert [e["type"] for e in up] == ["response.cancel"]  # the reset cancels it too, and waits
+    up, _ = p.item("o1")
+    assert up == []
+    up, _ = p.response_done("late", "cancelled")
+    assert [e["item_id"] for e in up] == ["o1"]
+    _, down = p.ack_all(up)
+    assert reset_completed(down)["deleted_item_ids"] == ["o1"]
+
+
+def test_an_error_naming_one_of_several_client_clears_answers_that_one() -> None:
+    """The client's clears in flight are told apart by event id; the others still take the next acks."""
+    p = Play()
+    p.client({"type": "input_audio_buffer.clear", "event_id": "k1"})
+    p.client({"type": "input_audio_buffer.clear", "event_id": "k2"})
+    _, down = p.error("server_error", "k2", "boom", error_type="server_error")
+    assert types(down) == ["error"]
+    assert [c for c, _ in p.session._client_clears] == ["k1"]
+
+
+def test_two_timed_out_deletes_of_one_item_have_both_late_answers_hidden() -> None:
+    """Two resets time out on the same item; the ack and the does-not-exist error that finally come are ours."""
+    p = Play(reset_timeout=5.0)
+    p.items("a")
+    for _ in range(2):
+        p.client({"type": "session.reset", "clear_input_audio": False})
+        p.clock.now += 5.0
+        p.session.handle_timeout()
+        p.take()
+    assert len(p.session._late_deletes["a"]) == 2
+    _, down = p.deleted("a")
+    assert down == []
+    _, down = p.error("item_delete_invalid_item_id", None, "Error deleting item: the item with id 'a' does not exist.")
+    assert down == [] and p.session._late_deletes == {}
+
+
+def test_an_error_naming_our_cancel_behind_a_clients_finds_ours() -> None:
+    """Cancels in flight are told apart by event id, whatever their place in the queue."""
+    p = Play()
+    p.response_created("r1")
+    p.client({"type": "response.cancel", "event_id": "c1", "response_id": "other"})
+    (ours,), _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    _, down = p.error("response_cancel_not_active", ours["event_id"], "no active response")
+    assert types(down) == ["session.reset.completed"]
+    _, down = p.error("response_cancel_not_active", "c1", "no active response")
+    assert types(down) == ["error"]
+
+
+def test_a_null_error_with_nothing_of_the_clients_in_flight_answers_our_oldest_command() -> None:
+    """With no client command it could answer, an error no code explains is our oldest command's: the delete
+    failed, and the reset ends reporting it instead of waiting."""
+    p = Play()
+    p.items("a", "b")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert [e["item_id"] for e in up] == ["a", "b"]
+    _, down = p.error(NULL, NULL, "internal error", error_type="server_error")
+    assert down == []
+    _, down = p.deleted("b")
+    completed = reset_completed(down)
+    assert completed["failed_item_ids"] == ["a"] and completed["deleted_item_ids"] == ["b"]
+
+
+def test_a_reset_waiting_for_an_announced_item_wakes_when_the_announcement_ages_out() -> None:
+    """A committed item whose item event never comes holds a reset only until the announcement is old."""
+    p = Play(reset_timeout=10.0)
+    p.upstream({"type": "input_audio_buffer.committed", "item_id": "u1", "previous_item_id": None})
+    p.clock.now += 4.0
+    p.client({"type": "session.reset", "clear_input_audio": False})
+    assert p.session.deadline == 1010.0
+    p.clock.now = 1010.0
+    p.session.handle_timeout()
+    _, down = p.take()
+    assert types(down) == ["session.reset.completed"]
+
+
+def test_a_timeout_settles_our_cancel_and_ages_out_the_clients_before_it() -> None:
+    """At a timeout our cancel stops being awaited but stays ours; a client cancel sent before the reset is as old
+    as the timeout and is forgotten with it, so the not-active error that finally comes is taken as ours."""
+    p = Play(reset_timeout=5.0)
+    p.response_created("r1")
+    p.client({"type": "response.cancel", "event_id": "c1", "response_id": "r0"})
+    p.client({"type": "session.reset", "clear_input_audio": False})
+    p.clock.now += 5.0
+    p.session.handle_timeout()
+    p.take()
+    assert [(e.ours, e.settled) for e in p.session._cancel_fifo] == [(True, True)]
+    _, down = p.error("response_cancel_not_active", None, "no active response")
+    assert down == []

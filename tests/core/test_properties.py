@@ -105,11 +105,7 @@ CLIENT_KINDS = (
 )
 # The search steers around core bugs already pinned by xfail regression tests below, so that it can find others;
 # RRP_AVOID_KNOWN_BUGS=0 lets it find them again.
-KNOWN_BUGS = frozenset(
-    {
-        "vad_response_taken_for_out_of_band",  # test_regression_vad_response_taken_for_a_pending_out_of_band_one
-    }
-)
+KNOWN_BUGS: frozenset[str] = frozenset()
 AVOID = KNOWN_BUGS if os.environ.get("RRP_AVOID_KNOWN_BUGS", "1") != "0" else frozenset()
 
 
@@ -150,6 +146,7 @@ class ResetRecord:
     malformed: bool = False
     keep: frozenset[str] = frozenset()
     started: bool = False
+    started_at: float = 0.0  # the core's clock when the reset began
     outcome: Literal["completed", "timed_out", "invalid"] | None = None
     completed: Event | None = None
     completion_tick: int = -1
@@ -171,6 +168,7 @@ class UpFrame:
     event: Event
     sent: ClientSent | None  # None: the proxy's own command
     reset: ResetRecord | None  # the proxy's commands: the reset that sent it
+    at: float = 0.0  # the core's clock when it was forwarded
     processed: bool = False
 
     @property
@@ -318,6 +316,7 @@ class ResetMachine(RuleBasedStateMachine):
             keep.update(self.checkpoints[-1])
         record.keep = frozenset(keep)
         record.started = True
+        record.started_at = self.core.reset.started_at if self.core.reset is not None else self.clock.now
         if record.to == "checkpoint":
             present = {item.id for item in self.model.conversation}
             tally(
@@ -407,6 +406,7 @@ class ResetMachine(RuleBasedStateMachine):
                     assert record.outcome is not None, f"{up.event} overtook the unfinished reset {record.sent.event}"
             if up.type == "input_audio_buffer.clear":
                 self.client_clears += 1
+        up.at = self.clock.now
         self.trace.append(f"core → wire: {up.event}")
         self.wire.append(up)
 
@@ -532,13 +532,20 @@ class ResetMachine(RuleBasedStateMachine):
     def _sent_before(frame: UpFrame, record: ResetRecord) -> bool:
         if frame.sent is not None:
             return frame.sent.index < record.sent.index
-        assert frame.reset is not None
+        if frame.reset is None:
+            return True  # a late response's clean-up: wait for it to land before judging any reset
         return frame.reset.seq <= record.seq
 
     def _made_after(self, item: Item, record: ResetRecord) -> bool:
         """Whether `item` may be there although `record` completed: the reset could not have known it."""
         origin = item.origin
         if isinstance(origin, UpFrame):
+            aged = origin.at <= record.started_at - TIMEOUT
+            if origin.sent is not None and aged and item.id not in self.core.conversation:
+                # Unanswered for longer than the reset timeout when the reset began: the core stopped waiting
+                # for it by design (nothing waits without a deadline); the server answering later is its loss.
+                tally("item of a command older than the timeout outlived a reset")
+                return True
             return origin.sent is not None and origin.sent.index > record.sent.index
         assert isinstance(origin, ServerAction) and origin.kind == "vad" and origin.committed is not None
         if all(self._sent_after(cause, record) for cause in origin.audio):
@@ -615,6 +622,11 @@ class ResetMachine(RuleBasedStateMachine):
         running = self.core.reset
         if running is not None and self.model.conversation_response is not None:
             self._check_quiet_reset()
+            self.broken = False
+            return
+        if running is not None and not self.model.conversation_id_on_response and self.model.responses:
+            # Without conversation_id the core cannot tell an out-of-band response from one that adds items:
+            # waiting for it (and cancelling it if it may) is the safe side.
             self.broken = False
             return
         assert running is None, f"a reset is stuck with nothing in flight: {self.open_resets[0].sent.event}"
@@ -793,8 +805,6 @@ class ResetMachine(RuleBasedStateMachine):
     @rule(create_response=st.booleans())
     def server_vad_turn(self, create_response: bool) -> None:
         """Server VAD commits the buffered audio as a user item, maybe starting a response."""
-        if "vad_response_taken_for_out_of_band" in AVOID and not self.model.conversation_id_on_response:
-            create_response = False
         action = ServerAction("vad", self.tick, audio=[cause for cause, _ in self.model.audio])
         action.committed = self.model.server_vad_turn(action, create_response=create_response)
         self.trace.append(f"server: VAD turn (create_response={create_response})")

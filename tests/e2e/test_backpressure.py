@@ -107,7 +107,7 @@ async def test_an_exception_in_the_reset_timer_is_logged_and_closes_both_sides_w
 ) -> None:
     """The reset timer's faults are loud too: without this, resets would silently never time out."""
     stack = await make_stack(sim=SimulatorConfig(stall_acks=True), reset={"timeout_seconds": 0.2})
-    client, upstream = await stack.client()
+    client, _ = await stack.client()
     await client.send(item_event("hello"))
     await client.until("conversation.item.done")
 
