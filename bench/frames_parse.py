@@ -3,9 +3,9 @@
     .venv/bin/python -m bench.frames_parse [--seconds 1.0]
 
 For 1.3 KB and 100 KB append frames, in the two directions (masked client frames, unmasked upstream frames),
-fed as 64 KiB reads like a socket's: frames/s for reading only (the header: what a relay that forwards does),
-reading plus a 64-byte unmasked prefix (the event type), reading plus the whole payload unmasked, and
-encoding a new masked frame; with the pure-Python mask and with websockets' C one. websockets' own parser
+fed as 64 KiB reads like a socket's: frames/s for reading only (the header), reading plus a 64-byte unmasked
+prefix (the event type), reading plus the whole payload unmasked, a relay's pass (prefix, `Outbox.forward`,
+`take`), and encoding a new masked frame; with the pure-Python mask and with websockets' C one. websockets' own parser
 (its sans-I/O `Protocol`, which unmasks and copies every payload) is the reference line.
 """
 
@@ -22,11 +22,17 @@ from websockets.protocol import CLIENT, SERVER, Protocol
 from websockets.speedups import apply_mask as c_apply_mask
 
 from bench.frames import audio_frame, big_frame
-from proxy.core.frames import FrameReader, FrameWriter, MaskFunction, Opcode
+from proxy.core.frames import FrameReader, FrameWriter, MaskFunction, Opcode, Outbox
 from proxy.core.frames import apply_mask as py_apply_mask
 
 READ_SIZE = 64 * 1024
 STREAM_BYTES = 4 * 1024 * 1024  # each pass parses about this much, so a pass is long enough to time
+WORK = {
+    "head": "read (header only)",
+    "prefix": "read + prefix(64)",
+    "payload": "read + payload()",
+    "relay": "read+prefix+forward",  # what a relay does per audio frame: sniff, forward, one writelines list
+}
 
 
 def _reads(payload: bytes, masked: bool) -> tuple[list[bytes], int]:
@@ -53,6 +59,7 @@ def _rate(run: Callable[[], int], seconds: float) -> float:
 def _reader_pass(reads: list[bytes], masked: bool, mask: MaskFunction, work: str) -> Callable[[], int]:
     def run() -> int:
         reader = FrameReader(masked=masked, max_message_bytes=16 * 1024 * 1024, apply_mask=mask)
+        outbox = Outbox(FrameWriter(masked=not masked))
         n = 0
         for data in reads:
             frames = reader.receive_data(data)
@@ -63,6 +70,11 @@ def _reader_pass(reads: list[bytes], masked: bool, mask: MaskFunction, work: str
             elif work == "payload":
                 for frame in frames:
                     frame.payload()
+            elif work == "relay":
+                for frame in frames:
+                    frame.prefix(64)
+                    outbox.forward(frame)
+                outbox.take()
         return n
 
     return run
@@ -115,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         for masked, direction in ((True, "client (masked)"), (False, "upstream (plain)")):
             reads, _ = _reads(payload, masked)
             rows: list[tuple[str, str, Callable[[], int]]] = []
-            for work in ("head", "prefix", "payload"):
+            for work in ("head", "prefix", "payload", "relay"):
                 if masked:
-                    rows += [(f"read + {work}", m, _reader_pass(reads, masked, fn, work)) for m, fn in masks.items()]
+                    rows += [(WORK[work], m, _reader_pass(reads, masked, fn, work)) for m, fn in masks.items()]
                 else:
-                    rows.append((f"read + {work}", "-", _reader_pass(reads, masked, py_apply_mask, work)))
+                    rows.append((WORK[work], "-", _reader_pass(reads, masked, py_apply_mask, work)))
             rows.append(("websockets Protocol", "C", _websockets_pass(reads, masked)))
             for what, mask_name, run in rows:
                 rate = _rate(run, args.seconds)

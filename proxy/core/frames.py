@@ -7,6 +7,19 @@ payload: more than 99 % of the bytes are audio it forwards as they came. So:
                                                             (`raw`, a memoryview: no copy when forwarded)
     Outbox.forward / drop / replace / inject ──▶ take() ──▶ buffers for one `writelines`
 
+A relay's read, in outline (the session decides; nothing here awaits)::
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self.reader.receive_data(data):
+            kind = sniff(frame.prefix(64)) if frame.opcode is Opcode.TEXT else None
+            if kind == "input_audio_buffer.append":
+                self.outbox.forward(frame)
+            else:
+                ...  # the session: forward, drop, replace(frame, new_payload), inject(payload)
+        self.peer.writelines(self.outbox.take())
+        if self.reader.state is ReaderState.FAILED:
+            ...  # close both ways with self.reader.failure.code
+
 Rules:
 - One reader per direction. ``masked=True`` reads a client's frames (every frame must be masked: we are its
   server); ``masked=False`` reads the upstream's (none may be masked: we are its client). One writer per
@@ -19,12 +32,14 @@ Rules:
   against what the message in progress leaves (control frames inside a fragmented message included), and
   lengths are read as sent: a non-minimal length is accepted, a 64-bit length with its top bit set is just a
   large length (refused by the limit).
-- Text payloads are not checked for UTF-8 (websockets does that when it assembles a message, not per frame):
-  that is the endpoint's to enforce. Close reasons are checked (1007), and close codes (1002).
+- Text payloads are not checked for UTF-8 (websockets does that when it hands a message to the application,
+  not in its frame parser): that is the endpoint's to enforce. Close reasons are checked (1007), and close codes (1002).
 - After a close frame or a failure nothing more is read: the rest of the stream is discarded (RFC 6455 1.4,
   7.1.7), as websockets does.
 - Bytes passed to `receive_data` back the frames handed out (memoryviews, no copy): do not change them while
-  those frames are in use. Only a frame split across reads is copied, once, into a buffer of its own.
+  those frames are in use. Only a frame split across reads is copied, once, into a buffer of its own. A frame
+  kept keeps its whole read alive: hold ``bytes(frame.raw)`` instead of the frame when holding one for long
+  (a reset's hold-back).
 - Unmasking is the hot path's only per-byte work: `Frame.prefix` unmasks the first bytes only (to sniff the
   event type); `Frame.payload` unmasks all of it, on demand. The pure-Python `apply_mask` here XORs two big
   ints; the I/O layer may pass a C one (``websockets.speedups.apply_mask``), which core cannot import.
@@ -189,6 +204,22 @@ def _header_length(b1: int) -> int:
 class FrameReader:
     """Frames out of one direction's byte stream; see the module docstring for the rules."""
 
+    # Slots: one reader per direction per session, and the relay's RSS per idle session is a target.
+    __slots__ = (
+        "_buf",
+        "_mask_bit",
+        "_message",
+        "_message_size",
+        "_offset",
+        "_pending",
+        "_unmask",
+        "close",
+        "failure",
+        "masked",
+        "max_message_bytes",
+        "state",
+    )
+
     def __init__(self, *, masked: bool, max_message_bytes: int | None, apply_mask: MaskFunction = apply_mask) -> None:
         self.masked = masked
         self.max_message_bytes = max_message_bytes
@@ -273,17 +304,10 @@ class FrameReader:
             return 0
         b0 = buf[pos]
         b1 = buf[pos + 1]
-        ln = b1 & 0x7F
-        if ln < 126:
-            hl = 2
-        elif ln == 126:
-            hl = 4
-        else:
-            hl = 10
-        if b1 & _MASK_BIT:
-            hl += 4
+        hl = _header_length(b1)
         if n - pos < hl:
             return 0
+        ln = b1 & 0x7F
         if ln >= 126:
             ln = int.from_bytes(buf[pos + 2 : pos + (4 if ln == 126 else 10)], "big")
         # The common frame (a final text or binary frame outside a fragmented message) passes in one test.
@@ -335,7 +359,7 @@ class FrameReader:
         hl = _header_length(raw[1])
         close = None
         if opcode < Opcode.CLOSE:
-            message_opcode = self._message or opcode
+            message_opcode = opcode if self._message is None else self._message
             if fin:
                 self._message = None
                 self._message_size = 0
@@ -371,6 +395,8 @@ class FrameReader:
 
 class FrameWriter:
     """Encodes new frames for one direction: masked (a fresh key each) toward the upstream, unmasked to a client."""
+
+    __slots__ = ("_apply_mask", "_mask_source", "masked")
 
     def __init__(
         self,
@@ -421,6 +447,8 @@ class Outbox:
     It keeps the way out well-formed: a data frame injected while a forwarded fragmented message is open is
     held until that message's last frame has gone; a dropped or replaced message must be dropped whole.
     """
+
+    __slots__ = ("_buffers", "_dropping", "_held", "_open", "writer")
 
     def __init__(self, writer: FrameWriter) -> None:
         self.writer = writer
