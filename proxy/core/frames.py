@@ -171,18 +171,15 @@ class Frame:
 
     def prefix(self, n: int) -> bytes:
         """The first `n` payload bytes, unmasked (fewer when the payload is shorter): only those are unmasked."""
-        hl = self.header_length
-        head = self.raw[hl : hl + n]
-        if self.raw[1] & 0x80:
-            return self._unmask(head, bytes(self.raw[hl - 4 : hl]))
-        return bytes(head)
+        head = self.raw[self.header_length : self.header_length + n]
+        mask = self.mask
+        return bytes(head) if mask is None else self._unmask(head, mask)
 
-    def payload(self) -> Bytes:
+    def payload(self) -> bytes | memoryview:
         """The whole payload, unmasked: a view of `raw` when the frame is not masked (no copy), else new bytes."""
-        hl = self.header_length
-        if self.raw[1] & 0x80:
-            return self._unmask(self.raw[hl:], bytes(self.raw[hl - 4 : hl]))
-        return self.raw[hl:]
+        body = self.raw[self.header_length :]
+        mask = self.mask
+        return body if mask is None else self._unmask(body, mask)
 
 
 class ReaderState(Enum):
@@ -269,7 +266,7 @@ class FrameReader:
             if total <= len(buf):
                 # A small frame finished inside the bytes taken; the rest of them go back to the scan.
                 self._buf = bytearray()
-                self._complete(memoryview(buf)[:total], frames)
+                self._complete(memoryview(buf).toreadonly()[:total], frames)
                 return taken - (len(buf) - total)
             self._pending = total
         missing = self._pending - len(buf)
@@ -279,7 +276,7 @@ class FrameReader:
         buf += view[taken : taken + missing]
         self._buf = bytearray()  # the full one now backs the frame handed out: never resize it again
         self._pending = 0
-        self._complete(memoryview(buf), frames)
+        self._complete(memoryview(buf).toreadonly(), frames)
         return taken + missing
 
     def _scan(self, view: memoryview, pos: int, frames: list[Frame]) -> None:

@@ -153,6 +153,7 @@ def test_frames_wholly_in_a_read_are_views_of_it_and_a_split_one_gets_its_own_bu
     assert reader.buffered == 4
     third, fourth = reader.receive_data(second)
     assert third.raw == c and third.raw.obj is not second and third.start == len(a + b)
+    assert third.raw.readonly  # its own buffer, which nobody may change through the frame
     assert fourth.raw.obj is second and fourth.start == len(a + b + c) and fourth.payload() == b"one"
 
 
@@ -485,16 +486,16 @@ class Spec:
     rsv: int = 0
     masked: bool = True
     form: str = "min"
+    key: bytes = MASK  # used when masked
 
-    def encode(self, mask: bytes) -> bytes:
-        return wire(
-            self.opcode, self.payload, fin=self.fin, rsv=self.rsv, mask=mask if self.masked else None, form=self.form
-        )
+    def encode(self) -> bytes:
+        mask = self.key if self.masked else None
+        return wire(self.opcode, self.payload, fin=self.fin, rsv=self.rsv, mask=mask, form=self.form)
 
 
-SIZES = st.one_of(
-    st.integers(0, 20), st.integers(0, 20), st.integers(0, 20), st.sampled_from([125, 126, 127, 65535, 65536, 65537])
-)
+SMALL_SIZES = st.one_of(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20), st.sampled_from([125, 126, 127]))
+SIZES = st.one_of(SMALL_SIZES, SMALL_SIZES, st.sampled_from([65535, 65536, 65537]))
+KEYS = st.binary(min_size=4, max_size=4)
 CLOSE_PAYLOADS = st.one_of(
     st.just(b""),
     st.builds(
@@ -531,11 +532,12 @@ def payloads(draw: st.DrawFn, sizes: st.SearchStrategy[int] = SIZES) -> bytes:
 
 
 @st.composite
-def frame_specs(draw: st.DrawFn, masked: bool, breakage: bool) -> Spec:
+def frame_specs(draw: st.DrawFn, masked: bool, breakage: bool, sizes: st.SearchStrategy[int]) -> Spec:
     """A frame, nearly always valid on its own; with `breakage`, now and then a bit, opcode or rule broken."""
     opcode = draw(st.sampled_from([Opcode.TEXT, Opcode.BINARY, Opcode.PING, Opcode.PONG]))
-    payload = draw(payloads(st.integers(0, 125)) if opcode >= Opcode.CLOSE else payloads())
-    spec = Spec(opcode, payload, masked=masked, form=draw(st.sampled_from(["min"] * 6 + ["16", "64"])))
+    payload = draw(payloads(st.integers(0, 125)) if opcode >= Opcode.CLOSE else payloads(sizes))
+    form = draw(st.sampled_from(["min"] * 6 + ["16", "64"]))
+    spec = Spec(opcode, payload, masked=masked, form=form, key=draw(KEYS))
     if spec.form == "16" and len(payload) >= 65536:
         spec = replace(spec, form="64")
     if draw(rarely(breakage)):
@@ -561,39 +563,37 @@ def frame_specs(draw: st.DrawFn, masked: bool, breakage: bool) -> Spec:
 @dataclass(frozen=True)
 class Stream:
     specs: list[Spec]
-    key: bytes
     tail: bytes  # a header declaring a length with its top bit set, or nothing
     data: bytes = field(repr=False)
 
 
 @st.composite
-def streams(draw: st.DrawFn, masked: bool) -> Stream:
+def streams(draw: st.DrawFn, masked: bool, sizes: st.SearchStrategy[int] = SIZES) -> Stream:
     """Messages (some fragmented, with control frames inside), maybe a close, maybe a huge declared length."""
     breakage = draw(st.booleans())
     specs: list[Spec] = []
     for _ in range(draw(st.integers(0, 5))):
-        spec = draw(frame_specs(masked, breakage))
+        spec = draw(frame_specs(masked, breakage, sizes))
         if spec.opcode in (Opcode.TEXT, Opcode.BINARY) and draw(st.booleans()):
             # Fragment it: continuations, control frames in between, maybe a frame that breaks in.
             specs.append(replace(spec, fin=False))
             for _ in range(draw(st.integers(0, 3))):
-                inner = draw(frame_specs(masked, breakage))
+                inner = draw(frame_specs(masked, breakage, sizes))
                 if inner.opcode in (Opcode.TEXT, Opcode.BINARY) and not draw(rarely(breakage)):
                     inner = replace(inner, opcode=Opcode.CONT, fin=False)
                 elif draw(rarely(breakage)):
-                    inner = Spec(Opcode.CLOSE, draw(CLOSE_PAYLOADS), masked=masked)
+                    inner = Spec(Opcode.CLOSE, draw(CLOSE_PAYLOADS), masked=masked, key=draw(KEYS))
                 specs.append(inner)
             if not draw(rarely(breakage)):
-                specs.append(Spec(Opcode.CONT, draw(payloads()), masked=masked))
+                specs.append(Spec(Opcode.CONT, draw(payloads(sizes)), masked=masked, key=draw(KEYS)))
         else:
             specs.append(spec)
     if draw(st.booleans()):
-        specs.append(Spec(Opcode.CLOSE, draw(CLOSE_PAYLOADS), masked=masked))
-    key = draw(st.binary(min_size=4, max_size=4))
+        specs.append(Spec(Opcode.CLOSE, draw(CLOSE_PAYLOADS), masked=masked, key=draw(KEYS)))
     tail = b""
     if draw(rarely(True)):
-        tail = wire(Opcode.BINARY, b"", mask=key if masked else None, form="64msb", declared=draw(SIZES))
-    return Stream(specs, key, tail, b"".join(s.encode(key) for s in specs) + tail)
+        tail = wire(Opcode.BINARY, b"", mask=MASK if masked else None, form="64msb", declared=draw(sizes))
+    return Stream(specs, tail, b"".join(s.encode() for s in specs) + tail)
 
 
 def cut(stream: bytes, points: list[int]) -> list[bytes]:
@@ -632,6 +632,12 @@ def check_against_websockets(masked: bool, stream: bytes, reads: list[bytes], ma
     assert [f.start for f in handed] == [sum(len(f.raw) for f in handed[:i]) for i in range(len(handed))]
     note_event(f"{len(reads)} reads" if len(reads) < 4 else "4+ reads")
     failure = ours.failure
+    if failure is not None and theirs.parser_exc is None:
+        # We refuse a frame from its header; websockets once its payload is in: give it the rest (any bytes).
+        assert len(stream) - sum(len(f.raw) for f in handed) < 14 + 65537, "websockets had all of it, yet read on"
+        note_event("refused from the header before websockets had the payload")
+        theirs.receive_data(bytes(1 << 17))
+        assert theirs.events_received() == []
     note_event(f"outcome: {failure.code} {re.sub(r'[0-9]+', 'N', failure.reason)}" if failure else ours.state.value)
     if theirs.parser_exc is None:
         assert ours.failure is None
@@ -656,11 +662,40 @@ def test_upstream_streams_read_as_websockets_reads_them(
     check_against_websockets(False, stream.data, cut(stream.data, points), max_size)
 
 
-@given(streams(masked=True), MAX_SIZES)
+@given(streams(masked=True, sizes=SMALL_SIZES), MAX_SIZES)
 @settings(max_examples=60 * _SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_small_streams_fed_byte_by_byte_read_as_websockets_reads_them(stream: Stream, max_size: int | None) -> None:
-    data = stream.data[:3000]
+    data = stream.data
     check_against_websockets(True, data, [data[i : i + 1] for i in range(len(data))], max_size)
+
+
+LATE_REFUSALS = st.one_of(
+    st.builds(Spec, st.sampled_from([*Opcode]), payloads(), rsv=st.integers(1, 7), masked=st.just(False)),
+    st.builds(
+        Spec,
+        st.sampled_from([Opcode.CLOSE, Opcode.PING, Opcode.PONG]),
+        payloads(st.integers(126, 300)),
+        masked=st.just(False),
+    ),
+    st.builds(
+        Spec, st.sampled_from([Opcode.CLOSE, Opcode.PING]), payloads(), fin=st.just(False), masked=st.just(False)
+    ),
+    st.builds(Spec, st.sampled_from([Opcode.CONT, Opcode.TEXT]), payloads(), masked=st.just(False)),
+)
+
+
+@given(streams(masked=False), LATE_REFUSALS, MAX_SIZES, st.data())
+@settings(max_examples=150 * _SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_frame_is_refused_from_its_header_where_websockets_waits_for_its_payload(
+    stream: Stream, broken: Spec, max_size: int | None, data: st.DataObject
+) -> None:
+    """Reserved bits, control frame rules, fragmentation: websockets checks them once the payload is in, we from
+    the header. The stream ends inside that frame: the same frames before it, and we may have refused it."""
+    frame = broken.encode()
+    header_length = len(frame) - len(broken.payload)
+    cut = data.draw(st.integers(header_length, len(frame)), label="bytes of it sent")
+    short = stream.data + frame[:cut]
+    check_against_websockets(False, short, [short], max_size)
 
 
 VALID_FRAMES = st.one_of(
