@@ -191,6 +191,13 @@ def test_a_prefix_unmasks_only_what_it_returns() -> None:
     assert frame.payload() == b"a" * 100_000 and seen == [64, 100_000]
 
 
+def test_a_frame_shows_its_head_but_never_its_payload() -> None:
+    """A frame may end up in a log line: its repr names the opcode and the span, not the audio."""
+    [frame] = upstream_reader().receive_data(wire(Opcode.TEXT, b'{"audio":"SECRETAUDIO"}'))
+    text = repr(frame)
+    assert "SECRETAUDIO" not in text and "opcode=<Opcode.TEXT: 1>" in text and "start=0" in text
+
+
 def test_a_c_mask_function_is_used_when_given() -> None:
     """websockets' C apply_mask plugs in (the I/O layer passes it; core cannot import it)."""
     reader = FrameReader(masked=True, max_message_bytes=None, apply_mask=c_apply_mask)
@@ -718,7 +725,9 @@ def test_our_writer_and_websockets_serializer_write_the_same_frames(
     """Unmasked: the same bytes. Masked: the same header, and each side's parser reads the other's frame."""
     opcode, payload, fin = frame
     ws_frame = WsFrame(WsOpcode(opcode), payload, fin)
-    assert FrameWriter(masked=False).frame(opcode, payload, fin=fin) == ws_frame.serialize(mask=False)
+    unmasked = ws_frame.serialize(mask=False)
+    assert FrameWriter(masked=False).frame(opcode, payload, fin=fin) == unmasked
+    assert wire(opcode, payload, fin=fin) == unmasked  # the streams' builder writes valid frames as websockets does
     ours = FrameWriter(masked=True, mask_source=lambda n: key).frame(opcode, payload, fin=fin)
     theirs = ws_frame.serialize(mask=True)
     header_length = len(theirs) - len(payload)
