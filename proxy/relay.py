@@ -55,6 +55,7 @@ def sendable(code: int | None, default: int) -> int:
 
 
 INVALID_UTF8 = "invalid UTF-8 in a text frame"
+PAUSED_CHECK_SECONDS = 0.1
 
 
 def is_utf8(data: bytes) -> bool:
@@ -90,6 +91,7 @@ class Relay:
         metrics: Metrics | None = None,
         log: structlog.stdlib.BoundLogger | None = None,
         close_timeout: float = 5.0,
+        client_transport: asyncio.BaseTransport | None = None,
     ) -> None:
         self.client = client
         self.metrics = metrics
@@ -105,6 +107,9 @@ class Relay:
         self._deadline_changed = asyncio.Event()
         self._resumed = asyncio.Event()  # set while the core takes client frames (not paused)
         self._resumed.set()
+        self._closing = False
+        # While paused we read nothing from the client, so its going away is seen on the transport instead.
+        self._client_transport = client_transport
         self._armed: float | None = None
         self._upstream_close: tuple[int | None, str] | None = None
 
@@ -118,6 +123,8 @@ class Relay:
         try:
             done, _ = await asyncio.wait({client_pump, upstream_pump, timer}, return_when=asyncio.FIRST_COMPLETED)
             fault = _fault(done)
+            self._closing = True
+            self._resumed.set()  # a client pump paused by a reset reads on: the close is what it will find
             if fault is not None:
                 await self._fail(fault)
             elif upstream_pump in done:
@@ -162,9 +169,21 @@ class Relay:
             stats.bytes_up += len(data)
             session.client_frame(data)
             await self._flush()
-            while session.paused:  # flow control as a value: read on once the reset is over
-                self._resumed.clear()
-                await self._resumed.wait()
+            if session.paused and not await self._resumed_or_gone():
+                return  # the client vanished while a reset held it back
+
+    async def _resumed_or_gone(self) -> bool:
+        """Flow control as a value: wait until the core takes client frames again (True), or the client's
+        connection is gone meanwhile (False; looked at every PAUSED_CHECK_SECONDS, as no read would tell)."""
+        while self.session.paused and not self._closing:
+            self._resumed.clear()
+            try:
+                await asyncio.wait_for(self._resumed.wait(), PAUSED_CHECK_SECONDS)
+            except TimeoutError:
+                transport = self._client_transport
+                if transport is not None and transport.is_closing():
+                    return False
+        return True
 
     async def _upstream_pump(self) -> None:
         session = self.session

@@ -162,7 +162,9 @@ async def _serve(
         await upstream.close(code=WSCloseCode.GOING_AWAY)
         raise
     state.sockets.add(ws)
-    relay = Relay(ws, upstream, state.session_config, metrics=state.metrics, log=conn_log)
+    relay = Relay(
+        ws, upstream, state.session_config, metrics=state.metrics, log=conn_log, client_transport=request.transport
+    )
     relay.log.info("connection_open", upstream_connect_ms=round((time.perf_counter() - started) * 1000, 3))
     try:
         await relay.run()

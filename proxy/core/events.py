@@ -146,11 +146,6 @@ def str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def inner_error(event: Event) -> Event:
-    err = event.get("error")
-    return err if isinstance(err, dict) else {}
-
-
 # --- synthetic event requests ---------------------------------------------------------------------
 
 ResetTarget = Literal["empty", "checkpoint"]

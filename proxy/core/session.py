@@ -82,7 +82,6 @@ from proxy.core.events import (
     delete_event,
     encode,
     error_event,
-    inner_error,
     parse_checkpoint,
     parse_reset,
     sniff_type,
@@ -309,7 +308,7 @@ class Session:
         oldest = self.conversation.oldest_sent()
         if oldest is not None:
             times.append(oldest)
-        cutoff = reset.started_at - self.config.reset_timeout
+        cutoff = self._clock() - self.config.reset_timeout  # client deletes older are waited for no more
         times.extend(t for t in self._client_delete_sent.values() if t > cutoff)
         return min(times) + self.config.reset_timeout
 
@@ -848,7 +847,9 @@ class Session:
 
     def _on_error(self, event: Event) -> bool:
         """Match an upstream `error` to the command it answers; True when that command was ours."""
-        err = inner_error(event)
+        err = event.get("error")
+        if not isinstance(err, dict) or not all(isinstance(err.get(k), str | None) for k in ("event_id", "code")):
+            return False  # not an error the API's shape describes: it answers nothing we know of
         ref = str_or_none(err.get("event_id"))
         code = str_or_none(err.get("code"))
         if ref is not None:

@@ -15,7 +15,6 @@ from proxy.core.events import (
     delete_event,
     encode,
     error_event,
-    inner_error,
     parse_checkpoint,
     parse_reset,
     str_or_none,
@@ -52,20 +51,6 @@ def test_encode_is_compact_json_bytes() -> None:
 def test_str_or_none_keeps_strings_only(value: object, expected: str | None) -> None:
     """Only str values are taken as ids; anything else reads as None."""
     assert str_or_none(value) == expected
-
-
-@pytest.mark.parametrize(
-    ("event", "expected"),
-    [
-        ({"type": "error", "error": {"code": "c"}}, {"code": "c"}),
-        ({"type": "error", "error": "boom"}, {}),
-        ({"type": "error", "error": None}, {}),
-        ({"type": "error"}, {}),
-    ],
-)
-def test_inner_error_is_the_error_object_or_empty(event: dict[str, object], expected: dict[str, object]) -> None:
-    """The `error` field of an error event is read only when it is an object; otherwise it reads as empty."""
-    assert inner_error(event) == expected
 
 
 # --- synthetic events ------------------------------------------------------------------------------

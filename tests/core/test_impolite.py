@@ -596,3 +596,21 @@ def test_a_timeout_settles_our_cancel_and_ages_out_the_clients_before_it() -> No
     assert [(e.ours, e.settled) for e in p.session._cancel_fifo] == [(True, True)]
     _, down = p.error("response_cancel_not_active", None, "no active response")
     assert down == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [None, "boom", {"event_id": ["x"], "code": None}, {"event_id": None, "code": {}}],
+    ids=["missing", "string", "id-not-str", "code-not-str"],
+)
+def test_an_error_not_in_the_apis_shape_answers_nothing(error: object) -> None:
+    """Garbage that calls itself an error is forwarded and settles no command, ours or the client's."""
+    p = Play()
+    p.items("a")
+    p.client({"type": "conversation.item.create", "event_id": "i1", "item": {"type": "message"}})
+    up, _ = p.client({"type": "session.reset"})
+    assert types(up) == ["input_audio_buffer.clear", "conversation.item.delete"]
+    event = {"type": "error"} if error is None else {"type": "error", "error": error}
+    _, down = p.upstream(event)
+    assert types(down) == ["error"]
+    assert len(p.session.conversation.item_creates) == 1 and len(p.session.reset.outstanding) == 2  # type: ignore[union-attr]

@@ -150,6 +150,7 @@ class ResetRecord:
     outcome: Literal["completed", "timed_out", "invalid"] | None = None
     completed: Event | None = None
     completion_tick: int = -1
+    known_at_completion: frozenset[str] = frozenset()  # the items the core knew when it completed the reset
     timeouts_before: int = 0
     frames: list[UpFrame] = field(default_factory=list)  # the proxy's commands for this reset
     checked: bool = False
@@ -436,6 +437,7 @@ class ResetMachine(RuleBasedStateMachine):
         record.outcome = "completed"
         record.completed = event
         record.completion_tick = self.tick
+        record.known_at_completion = frozenset(self.core.conversation.item_ids)
         record.timeouts_before = self.timeouts
 
     def _on_checkpoint(self, event: Event) -> None:
@@ -541,7 +543,7 @@ class ResetMachine(RuleBasedStateMachine):
         origin = item.origin
         if isinstance(origin, UpFrame):
             aged = origin.at <= record.started_at - TIMEOUT
-            if origin.sent is not None and aged and item.id not in self.core.conversation:
+            if origin.sent is not None and aged and item.id not in record.known_at_completion:
                 # Unanswered for longer than the reset timeout when the reset began: the core stopped waiting
                 # for it by design (nothing waits without a deadline); the server answering later is its loss.
                 tally("item of a command older than the timeout outlived a reset")

@@ -209,7 +209,8 @@ async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     """One /metrics scrape on a fresh TCP connection, so the kernel picks the worker anew each time."""
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
-        http.get(f"http://127.0.0.1:{port}/metrics") as r,
+        # The proxy has client tokens: /metrics on its main port asks for one too.
+        http.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}) as r,
     ):
         assert r.status == 200
         return metric_values(await r.text())
