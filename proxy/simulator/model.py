@@ -54,7 +54,7 @@ import base64
 import binascii
 import copy
 import functools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -262,6 +262,7 @@ class Model:
         self.deletions: list[Item] = []  # items deleted, in order
         self.abandoned: list[Response] = []  # responses replaced without a response.done (replace_response)
         self.close_request: tuple[int, str] | None = None
+        self.quirk_hits: Counter[str] = Counter()  # how often each quirk changed what the server did
         self._cause: object = None
         self._null_ids = False
         self._response_count = 0
@@ -375,6 +376,7 @@ class Model:
             ref = None
         if failure and "null_errors" in self.quirks:
             code, ref = None, None
+            self.quirk_hits["null_errors"] += 1
         error = {"type": "invalid_request_error", "code": code, "message": message, "param": param, "event_id": ref}
         self._emit({"type": "error", "error": error})
 
@@ -787,9 +789,11 @@ class Model:
                 "response.conversation",
             )
             return
-        if conversation == "none" and "ignore_out_of_band" not in self.quirks:
-            self._start_response(params, out_of_band=True)
-            return
+        if conversation == "none":
+            if "ignore_out_of_band" not in self.quirks:
+                self._start_response(params, out_of_band=True)
+                return
+            self.quirk_hits["ignore_out_of_band"] += 1
         running = self.conversation_response
         if running is not None and "replace_response" not in self.quirks:
             self._fail(
@@ -803,6 +807,7 @@ class Model:
 
     def _on_response_cancel(self, event: Event) -> None:
         if "no_cancel" in self.quirks:
+            self.quirk_hits["no_cancel"] += 1
             self._fail("not_implemented", "response.cancel is not implemented by this server.", event)
             return
         response_id = event.get("response_id")
@@ -825,6 +830,7 @@ class Model:
         """Start a conversation response; with replace_response a running one is dropped without a done."""
         running = self.conversation_response
         if running is not None:
+            self.quirk_hits["replace_response"] += 1
             del self.responses[running.id]
             running.next_due = None
             self.abandoned.append(running)
@@ -870,6 +876,8 @@ class Model:
         }
         if "response_without_conversation_id" not in self.quirks:
             body["conversation_id"] = None if out_of_band else self.conversation_id
+        else:
+            self.quirk_hits["response_without_conversation_id"] += 1
         body.update(
             {
                 ("modalities" if beta else "output_modalities"): mods,
@@ -992,6 +1000,7 @@ class Model:
             return
         position = self._index(item.id)
         if position is None and "no_item_done_after_delete" in self.quirks:
+            self.quirk_hits["no_item_done_after_delete"] += 1
             return
         if position is None:
             previous = item.previous_at_add
@@ -1045,6 +1054,7 @@ class Model:
         if not create_response:
             return
         if "late_auto_response" in self.quirks:
+            self.quirk_hits["late_auto_response"] += 1
             self.pending_responses.append(PendingResponse(self.now + self.config.transcription_delay_s, origin))
             return
         if self.conversation_response is None or "replace_response" in self.quirks:
@@ -1065,6 +1075,7 @@ class Model:
         running = self.conversation_response
         interrupts = bool((self.turn_detection or {}).get("interrupt_response", True))
         if running is not None and "vad_interrupt" in self.quirks and interrupts:
+            self.quirk_hits["vad_interrupt"] += 1
             self._end_response(running, "cancelled", "turn_detected")
         self._emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms, "item_id": item_id})
         committed = self._commit(item_id, cause)
@@ -1076,6 +1087,7 @@ class Model:
         own id, like any commit, and may start a response. Returns the `input_audio_buffer.committed` event."""
         self._cause = cause
         self._idle_fired = True
+        self.quirk_hits["idle_timeout"] += 1
         item_id = self.new_id("item_")
         end_ms = self.audio_total_bytes // _BYTES_PER_MS
         self._emit(

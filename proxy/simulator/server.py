@@ -14,7 +14,7 @@ import random
 import string
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -57,19 +57,9 @@ class SimulatorConfig:
         self.model_config()  # an unknown quirk fails here, not at the first connection
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(
-            quirks=frozenset(self.quirks),
-            delta_count=self.delta_count,
-            delta_interval_s=self.delta_interval_s,
-            server_vad=self.server_vad,
-            vad_commit_bytes=self.vad_commit_bytes,
-            null_error_event_ids=self.null_error_event_ids,
-            stall_acks=self.stall_acks,
-            max_item_id_len=self.max_item_id_len,
-            session_max_s=self.session_max_s,
-            transcription_delay_s=self.transcription_delay_s,
-            idle_timeout_s=self.idle_timeout_s,
-        )
+        """The model's share of this config: the fields both spell alike."""
+        shared = {f.name for f in fields(ModelConfig)} & {f.name for f in fields(self)}
+        return ModelConfig(**{name: getattr(self, name) for name in shared})
 
 
 def _json_error(status: int, message: str, code: str | None, param: str | None = None) -> web.Response:
