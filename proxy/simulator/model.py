@@ -41,8 +41,8 @@ Quirks of real servers, each off unless named in ``ModelConfig.quirks`` (see :da
 - ``vad_interrupt``: a VAD turn during a conversation response ends it (``cancelled``, reason ``turn_detected``)
   right after ``speech_started``;
 - ``idle_timeout``: with turn detection on, after ``idle_timeout_s`` (or ``turn_detection.idle_timeout_ms``)
-  without audio the server sends ``input_audio_buffer.timeout_triggered`` with its own ``item_id`` and commits an
-  (empty) audio item like any commit, which may start a response;
+  without audio the server sends ``input_audio_buffer.timeout_triggered`` (GA's name, sent in either generation)
+  with its own ``item_id`` and commits an (empty) audio item like any commit, which may start a response;
 - unconfirmed behaviour: ``response_without_conversation_id`` (``response.created``/``.done`` carry no
   ``conversation_id`` key), ``no_item_done_after_delete`` (no GA ``conversation.item.done`` for an output item
   deleted before it finished).

@@ -15,6 +15,7 @@ import string
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -22,6 +23,7 @@ from multidict import CIMultiDict
 
 from proxy.simulator.model import Event, Generation, Model, ModelConfig
 
+T = TypeVar("T")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _ALNUM = string.ascii_letters + string.digits
 
@@ -170,9 +172,14 @@ class SimSession:
 
     async def vad_commit(self, create_response: bool | None = None) -> str:
         """Force a server-VAD turn now (speech_started ... committed, item, maybe a response)."""
-        committed = self.model.server_vad_turn(create_response=create_response)
-        self._flush()
+        committed = self.drive(lambda model: model.server_vad_turn(create_response=create_response))
         return str(committed.event["item_id"])
+
+    def drive(self, action: Callable[[Model], T]) -> T:
+        """Make the server act now, e.g. `session.drive(lambda m: m.server_idle_timeout())`, and send what it made."""
+        result = action(self.model)
+        self._flush()
+        return result
 
     # ---------------------------------------------------------------- the model's output
     def _notify(self) -> None:

@@ -122,3 +122,18 @@ async def test_idle_timeout_over_the_wire(ws_for: Any) -> None:
         "conversation.item.added",
     ]
     assert events[0]["item_id"] == events[1]["item_id"] == sim.sessions[0].item_ids[0]
+
+
+async def test_drive_makes_the_server_act_now(ws_for: Any) -> None:
+    """SimSession.drive runs a server action on the model and sends what it produced, in order."""
+    sim, ws = await ws_for()
+    session = await sim.wait_for_sessions(1)
+    committed = session.drive(lambda model: model.server_idle_timeout(create_response=False))
+    events = await until(ws, "conversation.item.done")
+    assert [e["type"] for e in events] == [
+        "input_audio_buffer.timeout_triggered",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+    ]
+    assert events[1]["item_id"] == committed.event["item_id"] == session.item_ids[0]
