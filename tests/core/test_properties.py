@@ -595,7 +595,8 @@ class ResetMachine(RuleBasedStateMachine):
     def _sent_before(frame: UpFrame, record: ResetRecord) -> bool:
         if frame.sent is not None:
             return frame.sent.index < record.sent.index
-        assert frame.reset is not None
+        if frame.reset is None:
+            return False  # the clean-up of a late response, sent after every reset that had completed
         return frame.reset.seq <= record.seq
 
     def _made_after(self, item: Item, record: ResetRecord) -> bool:
@@ -684,6 +685,11 @@ class ResetMachine(RuleBasedStateMachine):
         running = self.core.reset
         if running is not None and self.model.conversation_response is not None:
             self._check_quiet_reset()
+            self.broken = False
+            return
+        if running is not None and self.model.responses and "response_without_conversation_id" in self.model.quirks:
+            # A response.created without conversation_id leaves the core no way to tell an out-of-band response from
+            # one in the conversation: waiting for it to end (its events settle its kind) is not waiting for nothing.
             self.broken = False
             return
         assert running is None, f"a reset is stuck with nothing in flight: {self.open_resets[0].sent.event}"
