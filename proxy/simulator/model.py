@@ -57,12 +57,20 @@ import functools
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
-Event = dict[str, Any]
-Generation = Literal["beta", "ga"]
+from proxy.simulator.shapes import (
+    Event,
+    Generation,
+    event_part,
+    initial_session,
+    merge,
+    normalize_item,
+    normalize_turn_detection,
+    usage,
+)
 
 QUIRKS: tuple[str, ...] = (
     "null_errors",
@@ -192,37 +200,6 @@ def _counter_ids() -> Callable[[str], str]:
     return new_id
 
 
-def _event_part(part: Event) -> Event:
-    """A content part as `response.content_part.*` events carry it: GA items say `output_text`/`output_audio`,
-    but the events' part is typed `text`/`audio` in both generations (the SDKs' schemas)."""
-    kind = {"output_text": "text", "output_audio": "audio"}.get(part["type"], part["type"])
-    return {**part, "type": kind}
-
-
-def _merge(dst: Event, src: Event) -> None:
-    """Recursive dict merge: session.update sends partial objects (e.g. only audio.input.turn_detection)."""
-    for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _merge(dst[key], value)
-        else:
-            dst[key] = copy.deepcopy(value)
-
-
-def _normalize_turn_detection(td: Any) -> Event | None:
-    if not isinstance(td, dict):
-        return None
-    out: Event = {
-        "type": td.get("type", "server_vad"),
-        "threshold": 0.5,
-        "prefix_padding_ms": 300,
-        "silence_duration_ms": 200,
-        "create_response": True,
-        "interrupt_response": True,
-    }
-    out.update(td)
-    return out
-
-
 class Model:
     """The upstream server of one Realtime WebSocket connection, as a deterministic state machine."""
 
@@ -247,7 +224,8 @@ class Model:
         self.encode = encode
         self.new_id = new_id or _counter_ids()
         self.now = now
-        self.session: Event = self._initial_session(model, wall_clock)
+        expires = wall_clock + (1800 if generation == "beta" else 3600)
+        self.session: Event = initial_session(generation, session_id, model, expires, server_vad=self.config.server_vad)
         self.conversation: list[Item] = []
         self.items: dict[str, Item] = {}  # every item ever made, by id (deleted and out-of-band ones too)
         self.audio: list[tuple[object, int]] = []  # the input audio buffer: (cause of the append, bytes)
@@ -406,51 +384,8 @@ class Model:
 
     # --- the session object ---------------------------------------------------------------------------
 
-    def _initial_session(self, model: str, wall_clock: int) -> Event:
-        td = _normalize_turn_detection({"type": "server_vad"}) if self.config.server_vad else None
-        expires = wall_clock + (1800 if self.generation == "beta" else 3600)
-        if self.generation == "beta":
-            return {
-                "id": self.session_id,
-                "object": "realtime.session",
-                "model": model,
-                "expires_at": expires,
-                "modalities": ["text"],
-                "instructions": "",
-                "voice": "alloy",
-                "input_audio_format": "pcm16",
-                "output_audio_format": "pcm16",
-                "input_audio_transcription": None,
-                "turn_detection": td,
-                "tools": [],
-                "tool_choice": "auto",
-                "temperature": 0.8,
-                "max_response_output_tokens": "inf",
-            }
-        return {
-            "type": "realtime",
-            "object": "realtime.session",
-            "id": self.session_id,
-            "model": model,
-            "output_modalities": ["text"],
-            "instructions": "",
-            "tools": [],
-            "tool_choice": "auto",
-            "max_output_tokens": "inf",
-            "tracing": None,
-            "prompt": None,
-            "expires_at": expires,
-            "include": None,
-            "audio": {
-                "input": {
-                    "format": {"type": "audio/pcm", "rate": 24000},
-                    "transcription": None,
-                    "noise_reduction": None,
-                    "turn_detection": td,
-                },
-                "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy", "speed": 1.0},
-            },
-        }
+    def _call_id(self) -> str:
+        return self.new_id("call_")
 
     def _modalities(self) -> list[str]:
         mods = self.session.get("modalities" if self.generation == "beta" else "output_modalities")
@@ -493,7 +428,7 @@ class Model:
         """Add an item as the server would on its own (appended unless `previous_item_id` is given)."""
         self._cause = cause
         new = Item("", {}, cause, True)
-        new.data = self._normalize_item(item, item.get("id") or self.new_id("item_"))
+        new.data = normalize_item(item, item.get("id") or self.new_id("item_"), self._call_id)
         new.id = new.data["id"]
         index = len(self.conversation)
         if previous_item_id == "root":
@@ -509,31 +444,6 @@ class Model:
             self.conversation.insert(index, new)
             self.items[new.id] = new
         return new
-
-    def _normalize_item(self, item: Event, item_id: str) -> Event:
-        itype = item.get("type", "message")
-        out: Event = {"id": item_id, "object": "realtime.item", "type": itype}
-        if itype == "message":
-            out["status"] = "completed"
-            out["role"] = item.get("role", "user")
-            content = []
-            for part in item.get("content") or []:
-                part = dict(part)
-                if part.get("type") == "input_audio":
-                    # The server keeps no audio in the item, only a (not yet known) transcript.
-                    part = {"type": "input_audio", "transcript": part.get("transcript")}
-                content.append(part)
-            out["content"] = content
-        elif itype == "function_call":
-            out.update(
-                status="completed",
-                name=item.get("name"),
-                call_id=item.get("call_id") or self.new_id("call_"),
-                arguments=item.get("arguments", ""),
-            )
-        else:
-            out.update(call_id=item.get("call_id"), output=item.get("output", ""))
-        return out
 
     # --- client frames ------------------------------------------------------------------------------------
 
@@ -616,11 +526,11 @@ class Model:
         if isinstance(audio_in, dict) and "turn_detection" in audio_in:
             has_td, td = True, audio_in.pop("turn_detection")
         mods = update.pop("modalities", None) or update.pop("output_modalities", None)
-        _merge(self.session, update)
+        merge(self.session, update)
         if mods is not None:
             self.session["modalities" if self.generation == "beta" else "output_modalities"] = list(mods)
         if has_td:
-            norm = _normalize_turn_detection(td)
+            norm = normalize_turn_detection(td)
             if self.generation == "beta":
                 self.session["turn_detection"] = norm
             else:
@@ -717,7 +627,7 @@ class Model:
                 )
                 return
             index = found + 1
-        data = self._normalize_item(item, item_id or self.new_id("item_"))
+        data = normalize_item(item, item_id or self.new_id("item_"), self._call_id)
         self._insert(Item(data["id"], data, self._cause, True), index, done_now=True)
 
     def _item_or_error(self, event: Event, action: str, verb: str) -> Item | None:
@@ -943,7 +853,7 @@ class Model:
         else:
             part = {"type": "text" if beta else "output_text", "text": ""}
         data["content"].append(part)
-        self._emit({"type": "response.content_part.added", **self._ids(response, item), "part": _event_part(part)})
+        self._emit({"type": "response.content_part.added", **self._ids(response, item), "part": event_part(part)})
 
     def _delta(self, response: Response) -> None:
         item = response.current
@@ -986,7 +896,7 @@ class Model:
             self._emit({"type": self._ev("audio_transcript.done"), **ids, "transcript": part["transcript"]})
         else:
             self._emit({"type": self._ev("text.done"), **ids, "text": part["text"]})
-        self._emit({"type": "response.content_part.done", **ids, "part": _event_part(part)})
+        self._emit({"type": "response.content_part.done", **ids, "part": event_part(part)})
         item.data["status"] = status
         self._emit(
             {
@@ -1018,17 +928,7 @@ class Model:
             status=status,
             status_details={"type": status, "reason": reason} if status != "completed" else None,
             output=[item.as_json() for item in response.output],
-            usage={
-                "total_tokens": response.input_tokens + out_text + out_audio,
-                "input_tokens": response.input_tokens,
-                "output_tokens": out_text + out_audio,
-                "input_token_details": {
-                    "cached_tokens": 0,
-                    "text_tokens": response.input_tokens,
-                    "audio_tokens": 0,
-                },
-                "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio},
-            },
+            usage=usage(response.input_tokens, out_text, out_audio),
         )
         self._emit({"type": "response.done", "response": copy.deepcopy(response.body)})
         if not response.out_of_band:

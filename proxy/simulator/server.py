@@ -21,7 +21,8 @@ import orjson
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
-from proxy.simulator.model import Event, Generation, Model, ModelConfig
+from proxy.simulator.model import Model, ModelConfig
+from proxy.simulator.shapes import Event, Generation
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.simulator.model import Event, Model, ModelConfig
+from proxy.simulator.model import Model, ModelConfig
+from proxy.simulator.shapes import Event
 
 AUDIO = base64.b64encode(b"\x00" * 960).decode()  # 20 ms
 
