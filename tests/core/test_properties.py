@@ -1033,17 +1033,19 @@ class ResetMachine(RuleBasedStateMachine):
                     continue
                 if any(record.sent_tick < tick < late.tick for tick in self.new_input_ticks):
                     continue
-                kept_later = any(
-                    item.id in later.keep
-                    for later in self.resets[record.seq + 1 :]
+                # Kept by this reset (the response had started before it) or by a later one: the client's choice.
+                kept = {
+                    item_id
+                    for later in self.resets[record.seq :]
                     if later.outcome == "completed"
-                    for item in present
-                )
-                if kept_later:
+                    for item_id in later.keep
+                }
+                left = [item for item in present if item.id not in kept]
+                if not left:
                     continue
                 raise AssertionError(
                     f"reset {record.sent.event} completed, then a late auto-response {late.response.id} for turn "
-                    f"{turn.id} (which the reset removed) left {[i.id for i in present]} in the conversation "
+                    f"{turn.id} (which the reset removed) left {[i.id for i in left]} in the conversation "
                     f"{self.model.item_ids}"
                 )
 
