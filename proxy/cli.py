@@ -18,6 +18,7 @@ from proxy.auth import load_secrets
 from proxy.config import Config, load_config
 from proxy.core.errors import ConfigError
 from proxy.logs import configure_logging
+from proxy.simulator.model import QUIRKS
 
 log = structlog.get_logger("proxy")
 
@@ -117,11 +118,11 @@ def _run_workers(config: Config, config_path: str | None) -> int:
     return max((p.exitcode or 0) for p in workers)
 
 
-async def _simulate(host: str, port: int, vad: bool) -> None:
+async def _simulate(host: str, port: int, vad: bool, quirks: list[str]) -> None:
     from proxy.simulator import SimulatorConfig
     from proxy.simulator.server import serve_forever
 
-    await serve_forever(host, port, SimulatorConfig(server_vad=vad))
+    await serve_forever(host, port, SimulatorConfig(server_vad=vad, quirks=frozenset(quirks)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8766)
     simulate.add_argument("--server-vad", action="store_true", help="turn server VAD on by default")
+    simulate.add_argument(
+        "--quirk",
+        action="append",
+        default=[],
+        choices=QUIRKS,
+        metavar="NAME",
+        help=f"behave like a real server that does this (repeatable): {', '.join(QUIRKS)}",
+    )
     demo = sub.add_parser("demo", help="simulator + proxy + a client: the same tasks without, then with resets")
     demo.add_argument("--tasks", type=int, default=3)
     return parser
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "simulate":
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(_simulate(args.host, args.port, args.server_vad))
+                asyncio.run(_simulate(args.host, args.port, args.server_vad, args.quirk))
             return 0
         if command == "demo":
             from proxy.config import LoggingConfig

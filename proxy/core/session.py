@@ -123,6 +123,7 @@ _KNOWN_CODES = frozenset({CODE_ALREADY_ACTIVE, CODE_COMMIT_EMPTY, CODE_UNKNOWN_I
 _NO_COMMAND_CODES = frozenset({CODE_SESSION_EXPIRED})
 # `status_details.reason` of a cancelled response that a cancel event did cause.
 _CANCEL_REASONS = frozenset({None, "client_cancelled"})
+_CANCEL_FAILED = "Cancellation failed"  # the API's wording for response_cancel_not_active
 _QUOTED_ID = re.compile(r"'([^']{1,256})'")
 _MAX_SETTLED_CANCELS = 256
 _MAX_LATE = 1024  # late answers to commands we stopped waiting for, recognised as ours
@@ -852,10 +853,12 @@ class Session:
             return False  # not an error the API's shape describes: it answers nothing we know of
         ref = str_or_none(err.get("event_id"))
         code = str_or_none(err.get("code"))
+        message = err.get("message")
+        if code is None and isinstance(message, str) and message.startswith(_CANCEL_FAILED):
+            code = CODE_CANCEL_NOT_ACTIVE  # servers that leave the code null still say what failed
         if ref is not None:
             return self._on_named_error(ref, code)
         # No event id: the server left it null. Attribute by code and by the id quoted in the message.
-        message = err.get("message")
         # The wording alone is evidence only when no other code says what failed: a refused create reads
         # "the previous item with id 'x' does not exist" too.
         if code == CODE_UNKNOWN_ITEM or (code is None and isinstance(message, str) and "does not exist" in message):

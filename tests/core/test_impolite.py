@@ -614,3 +614,17 @@ def test_an_error_not_in_the_apis_shape_answers_nothing(error: object) -> None:
     _, down = p.upstream(event)
     assert types(down) == ["error"]
     assert len(p.session.conversation.item_creates) == 1 and len(p.session.reset.outstanding) == 2  # type: ignore[union-attr]
+
+
+def test_a_cancel_failure_with_a_null_code_is_known_by_its_wording() -> None:
+    """`Cancellation failed: ...` with code and event_id null is a not-active answer: ours stays hidden."""
+    p = Play()
+    p.items("a")
+    p.response_created("r1")
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    done = {"id": "r1", "status": "cancelled", "status_details": {"type": "cancelled", "reason": "turn_detected"}}
+    up, _ = p.upstream({"type": "response.done", "response": {**done, "output": []}})
+    _, down = p.error(NULL, NULL, "Cancellation failed: no active response found.")
+    assert down == []
+    _, down = p.ack_all(up)
+    assert reset_completed(down)["deleted_item_ids"] == ["a"]

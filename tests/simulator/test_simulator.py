@@ -587,7 +587,7 @@ async def test_client_disconnect_mid_response(make_sim: SimFactory) -> None:
     await session.wait_until(lambda s: s.closed)
     assert session.close_code == 1000
     assert session.active_response_id is None
-    assert session._tasks == set()
+    assert session._timer is None
 
 
 async def test_stop_leaves_no_tasks() -> None:
