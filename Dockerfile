@@ -41,7 +41,8 @@ RUN pip wheel --require-hashes --wheel-dir /wheels -r locks/image.txt \
 COPY pyproject.toml README.md ./
 COPY proxy/ proxy/
 # No build isolation: the project's wheel is built by the locked setuptools, not whichever is newest today.
-RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
+    && sha256sum /wheels/*.whl > /wheels.sha256
 
 # The example config binds 127.0.0.1 (right for a sidecar on a host), which a published container port cannot
 # reach: the image's copy listens on 0.0.0.0. The grep fails the build should the example's line ever change.
@@ -61,6 +62,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --gid 10001 realtime-reset-proxy \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin realtime-reset-proxy
+
+# The wheels' digests, copied first: a RUN's cache key does not cover what it bind-mounts (buildah reused a
+# stale install layer after the code changed), but a COPY's does, so new wheels mean a fresh install below.
+COPY --from=builder /wheels.sha256 /tmp/wheels.sha256
 
 # The wheels are bind-mounted from the builder, so they never become a layer of this image. /wheels holds
 # exactly the locked versions, so with --no-index pip can pick no other. `[fast]` is uvloop: less per-frame
