@@ -21,6 +21,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from proxy.simulator import SimulatorConfig
+from proxy.simulator.model import CLIENT_EVENT_TYPES
 from tests.e2e.conftest import Client, Stack, StackFactory, item_event
 from tests.e2e.probes import record, relays, wait_for
 
@@ -37,16 +38,7 @@ async def add_items(client: Client, n: int) -> list[str]:
 # --- random frames next to a neighbour ------------------------------------------------------------------
 
 TYPES = [
-    "session.update",
-    "input_audio_buffer.append",
-    "input_audio_buffer.commit",
-    "input_audio_buffer.clear",
-    "conversation.item.create",
-    "conversation.item.retrieve",
-    "conversation.item.truncate",
-    "conversation.item.delete",
-    "response.create",
-    "response.cancel",
+    *CLIENT_EVENT_TYPES,  # every type the server model handles
     "session.reset",
     "conversation.delete.all",
     "session.checkpoint",
