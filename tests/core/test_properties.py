@@ -84,6 +84,9 @@ _PROFILES = {
         max_examples=300,  # per run: 3,000 over the ten runs
         stateful_step_count=50,
         deadline=None,
+        # The CI run is the same every time, so a submission lands or not on its own code; `long` and `soak`
+        # search afresh each run (that is where new failures are found).
+        derandomize=True,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     ),
@@ -1094,6 +1097,7 @@ _PENDING: dict[str, str] = {
     "replace_response": "a reset may still be running after everything was delivered",
     "ignore_out_of_band": "kept/deleted item lists miss an out-of-band item the server put in the conversation",
     "vad_interrupt": "sometimes: a not-active answer is attributed to the wrong cancel",
+    "idle_timeout": "sometimes (random search): a reset-invariant failure, not shrunk yet",
     "no_item_done_after_delete": "deleted_item_ids misses an item a delete removed",
 }
 RUNS = [
