@@ -21,9 +21,11 @@ Rules (both generations):
   Item events answer creates by item id (when the client chose one) or else in order; item events for
   announced items (committed audio, response output) answer nothing.
 - Nothing waits without a deadline: every client command in flight and every announced item carries the time
-  it was sent or announced, and :meth:`Conversation.prune` forgets those older than `max_age` (the reset
-  timeout). An `error` with a null `event_id` answers the command its code names; with no code, or a code we
-  do not know, the oldest command in flight (servers answer in order).
+  it was sent or announced, and :meth:`Conversation.prune` stops waiting for those older than `max_age` (the
+  reset timeout). An aged-out command still holds its place in the order (a slow server answers it at last,
+  and that answer must not be taken for a newer command's); the newest few are kept for this, unwaited.
+  An `error` with a null `event_id` answers the command its code names; with no code, or a code we do not
+  know, the oldest command not answered yet (servers answer in order).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from proxy.core.events import (
 )
 
 _REMEMBER_REMOVED = 1024
+_MAX_EXPIRED = 64  # aged-out commands per queue kept only to keep the order of answers
 
 
 def names_item_create(code: str | None) -> bool:
@@ -78,6 +81,16 @@ class PendingCreate:
     out_of_band: bool = False  # response.create only: what the request asked for
     item_id: str | None = None  # conversation.item.create only: the id the client chose
     sent_at: float = 0.0
+    order: int = 0  # the session's count of every command sent (answers come in that order)
+    expired: bool = False  # older than `max_age`: not waited for, yet its late answer is still its own
+
+
+def _live(queue: deque[PendingCreate]) -> PendingCreate | None:
+    """The oldest command of `queue` still waited for (expired ones are the oldest: a prefix)."""
+    for entry in queue:
+        if not entry.expired:
+            return entry
+    return None
 
 
 class Conversation:
@@ -112,7 +125,12 @@ class Conversation:
     @property
     def items_on_their_way(self) -> bool:
         """Something already sent or announced will still add an item."""
-        return bool(self.pending_items or self.item_creates or self.commits)
+        return bool(self.pending_items or _live(self.item_creates) or _live(self.commits))
+
+    def items_coming(self) -> int:
+        """How many items already sent or announced are still waited for."""
+        queued = sum(not e.expired for q in (self.item_creates, self.commits) for e in q)
+        return len(self.pending_items) + queued
 
     def add(self, item_id: str, previous_item_id: str | None, *, placed: bool = True) -> bool:
         """Record an item; returns False when it was already known (GA sends `.added` then `.done`)."""
@@ -155,7 +173,7 @@ class Conversation:
             return
         for entry in self.item_creates:
             if entry.item_id == item_id:
-                self.item_creates.remove(entry)
+                self._answered(self.item_creates, entry)
                 return
         for entry in self.item_creates:
             if entry.item_id is None:
@@ -164,24 +182,35 @@ class Conversation:
 
     # --- client commands in flight ----------------------------------------------------------------
 
-    def on_client_event(self, etype: str, event: Event) -> None:
-        """Note a forwarded client event that will start a response or add an item."""
+    def on_client_event(self, etype: str, event: Event, order: int = 0) -> None:
+        """Note a forwarded client event that will start a response or add an item (`order`: its place among
+        every command the session sent)."""
         now = self._clock()
         self.prune(now)
         event_id = str_or_none(event.get("event_id"))
         if etype == RESPONSE_CREATE:
             response = event.get("response")
             oob = isinstance(response, dict) and response.get("conversation") == "none"
-            self.pending_creates.append(PendingCreate(event_id, out_of_band=oob, sent_at=now))
+            self.pending_creates.append(PendingCreate(event_id, out_of_band=oob, sent_at=now, order=order))
         elif etype == ITEM_CREATE:
             item = event.get("item")
             item_id = str_or_none(item.get("id")) if isinstance(item, dict) else None
-            self.item_creates.append(PendingCreate(event_id, item_id=item_id, sent_at=now))
+            self.item_creates.append(PendingCreate(event_id, item_id=item_id, sent_at=now, order=order))
         elif etype == AUDIO_COMMIT:
-            self.commits.append(PendingCreate(event_id, sent_at=now))
+            self.commits.append(PendingCreate(event_id, sent_at=now, order=order))
+
+    def oldest_unanswered(self) -> int | None:
+        """The order of the oldest command here with no answer yet (aged-out ones included), or None."""
+        heads = [q[0].order for q in (self.pending_creates, self.item_creates, self.commits) if q]
+        return min(heads) if heads else None
+
+    def fail_oldest(self) -> None:
+        """An error that names nothing answered the oldest command here (see :meth:`oldest_unanswered`)."""
+        queue = min((q for q in (self.pending_creates, self.item_creates, self.commits) if q), key=lambda q: q[0].order)
+        queue.popleft()
 
     def client_event_failed(self, client_event_id: str | None, code: str | None) -> bool:
-        """An `error` answered a client event: by its event id, or (id null) by its code, else the oldest.
+        """An `error` answered a client event: by its event id, or (id null) by the code that names its kind.
 
         Returns whether it answered a command in flight.
         """
@@ -190,7 +219,7 @@ class Conversation:
             for queue in queues:
                 for pending in queue:
                     if pending.event_id == client_event_id:
-                        queue.remove(pending)
+                        self._answered(queue, pending)
                         return True
             return False
         if code == CODE_ALREADY_ACTIVE:
@@ -200,19 +229,30 @@ class Conversation:
         elif names_item_create(code):
             queue = self.item_creates
         else:
-            # No code, or one we do not know: the oldest command still waiting is the likeliest.
-            waiting = [q for q in queues if q]
-            if not waiting:
-                return False
-            queue = min(waiting, key=lambda q: q[0].sent_at)
+            return False  # no code that names a kind: the session asks the order (see fail_oldest)
         if not queue:
             return False
         queue.popleft()
         return True
 
+    def _answered(self, queue: deque[PendingCreate], entry: PendingCreate) -> None:
+        """`entry` got the answer that names it: aged-out commands sent before it got theirs (in order) or none."""
+        queue.remove(entry)
+        while queue and queue[0].expired and queue[0].sent_at <= entry.sent_at:
+            self._drop_expired(queue)
+
+    def _drop_expired(self, queue: deque[PendingCreate]) -> None:
+        dropped = queue.popleft()
+        if dropped.item_id is not None:
+            # Its late item, should it still come, answers no other create.
+            self._expired_ids[dropped.item_id] = None
+            if len(self._expired_ids) > _REMEMBER_REMOVED:
+                del self._expired_ids[next(iter(self._expired_ids))]
+
     def oldest_sent(self) -> float | None:
         """When the oldest command in flight was sent or the oldest pending item announced (None: nothing)."""
-        times = [q[0].sent_at for q in (self.pending_creates, self.item_creates, self.commits) if q]
+        live = (_live(q) for q in (self.pending_creates, self.item_creates, self.commits))
+        times = [entry.sent_at for entry in live if entry is not None]
         if self.pending_items:
             times.append(next(iter(self.pending_items.values())))
         return min(times) if times else None
@@ -221,12 +261,14 @@ class Conversation:
         """Forget commands and announced items older than `max_age`: no answer is coming for them any more."""
         cutoff = now - self.max_age
         for queue in (self.pending_creates, self.item_creates, self.commits):
-            while queue and queue[0].sent_at <= cutoff:
-                expired = queue.popleft()
-                if expired.item_id is not None:
-                    self._expired_ids[expired.item_id] = None
-                    if len(self._expired_ids) > _REMEMBER_REMOVED:
-                        del self._expired_ids[next(iter(self._expired_ids))]
+            expired = 0
+            for entry in queue:
+                if entry.sent_at > cutoff:
+                    break
+                entry.expired = True
+                expired += 1
+            for _ in range(expired - _MAX_EXPIRED):
+                self._drop_expired(queue)
         pending = self.pending_items
         while pending:
             item_id, announced_at = next(iter(pending.items()))
@@ -244,7 +286,7 @@ class Conversation:
     @property
     def response_requested(self) -> bool:
         """A client asked for a response that can add items, and it has not started yet."""
-        return any(not p.out_of_band for p in self.pending_creates)
+        return any(not p.out_of_band and not p.expired for p in self.pending_creates)
 
     def conversation_responses(self) -> list[str]:
         """Running responses that can add items (in the conversation, or of unknown kind): a reset cancels them

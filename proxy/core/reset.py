@@ -118,7 +118,7 @@ class Reset:
             parts.append(f"the response {rid}{why}")
         if conv.response_requested:
             parts.append("a requested response")
-        items = len(self.waiting) + len(conv.pending_items) + len(conv.item_creates) + len(conv.commits)
+        items = len(self.waiting) + conv.items_coming()
         if items:
             parts.append(f"{items} item(s) on their way or being deleted by another")
         if self.outstanding:

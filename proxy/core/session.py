@@ -15,9 +15,10 @@ Rules:
   one refused refuses every later one until the reset ends: never a commit after a hole in the audio.
 - Answers are matched to commands by our event id where the server echoes it (every id we make starts with a
   random per-session prefix, so an error naming a command of ours is known as ours even once we stopped
-  waiting for it), by item id for deletes (their acks carry no event id), by code and quoted id where an
-  `error` left `event_id` null, and else by order: an error no code explains answers the oldest command in
-  flight, the client's first (sent before any reset of ours began), then ours.
+  waiting for it), by item id for deletes (their acks carry no event id), by code (or, where the code is
+  null, the API's wording) and quoted id where an `error` left `event_id` null, and else by order: one count
+  orders every command sent, the client's and ours, and an error nothing explains answers the oldest one
+  with no answer yet, whoever's (one we stopped waiting for included: a slow server answers it at last).
 - Nothing waits without a deadline. A reset waits only for what was sent or announced less than
   `reset_timeout` ago; older entries are forgotten, and :attr:`Session.deadline` is the earliest moment one
   ages out. A reset that times out forgets the commands it waited for, so the next one starts as on a fresh
@@ -54,6 +55,7 @@ from proxy.core.events import (
     CODE_ALREADY_ACTIVE,
     CODE_CANCEL_NOT_ACTIVE,
     CODE_COMMIT_EMPTY,
+    CODE_CREATE_BAD_PREVIOUS,
     CODE_HELD_OVERFLOW,
     CODE_INVALID_RESET,
     CODE_RESET_TIMEOUT,
@@ -123,7 +125,15 @@ _KNOWN_CODES = frozenset({CODE_ALREADY_ACTIVE, CODE_COMMIT_EMPTY, CODE_UNKNOWN_I
 _NO_COMMAND_CODES = frozenset({CODE_SESSION_EXPIRED})
 # `status_details.reason` of a cancelled response that a cancel event did cause.
 _CANCEL_REASONS = frozenset({None, "client_cancelled"})
-_CANCEL_FAILED = "Cancellation failed"  # the API's wording for response_cancel_not_active
+# Servers that leave `code` null still say what failed: the API's wording for the codes we act on. The wording
+# is a clue only where no code is given; an error no clue explains answers by order.
+_WORDINGS = (
+    ("Cancellation failed", CODE_CANCEL_NOT_ACTIVE),
+    ("Conversation already has an active response", CODE_ALREADY_ACTIVE),
+    ("Error committing input audio buffer", CODE_COMMIT_EMPTY),
+    ("Error adding item", CODE_CREATE_BAD_PREVIOUS),
+    ("Error deleting item", CODE_UNKNOWN_ITEM),
+)
 _QUOTED_ID = re.compile(r"'([^']{1,256})'")
 _MAX_SETTLED_CANCELS = 256
 _MAX_LATE = 1024  # late answers to commands we stopped waiting for, recognised as ours
@@ -138,6 +148,7 @@ class _Cancel:
     response_id: str | None  # ours always name it; a client's may not (then: the running response)
     ours: bool
     sent_at: float = 0.0
+    order: int = 0  # place among every command sent
     settled: bool = False  # ours, and its response ended: done for the reset, but an error may still come
 
 
@@ -250,15 +261,16 @@ class Session:
         self._cancel_fifo: deque[_Cancel] = deque()  # every cancel in flight, ours and the client's, as sent
         # Answers that may still come for commands we stopped waiting for (a timed-out reset's): they are ours.
         self._late_deletes: dict[str, list[int]] = {}  # item id → the orders of late answers still to come
-        self._order = 0  # counts every delete sent, the client's and ours
-        self._late_clears = 0
+        self._order = 0  # counts every command sent, the client's and ours: answers come in this order
+        self._late_clears: deque[int] = deque()  # orders of a timed-out reset's clears, unanswered
         # Client commands in flight whose answers look like ours: tell them apart.
         # item id → client event ids, oldest first; they stay until answered, for telling answers apart, but a
         # reset stops waiting for one once it is older than the timeout (bounded by _MAX_LATE).
         self._client_deletes: dict[str, list[str]] = {}
         self._client_delete_ids: dict[str, tuple[str, float, int]] = {}  # client event id → (item id, sent at, order)
         self._client_delete_sent: dict[str, float] = {}  # item id → when its newest client delete was sent
-        self._client_clears: deque[tuple[str, float]] = deque()  # (client event id, sent at) not answered yet
+        # (client event id, sent at, order) not answered yet
+        self._client_clears: deque[tuple[str, float, int]] = deque()
         self._client_interesting = _CLIENT_INTERESTING | self.config.reset_types | self.config.checkpoint_types
         # After a reset: no client response.create, commit or new speech since (a response now is a late one).
         self._quiet_since_reset = False
@@ -397,24 +409,25 @@ class Session:
             event["event_id"] = client_id
             data = encode(event)
         now = self._clock()
+        self._order += 1
         if etype in _TRACKED_CLIENT_EVENTS:
-            self.conversation.on_client_event(etype, event)
+            self.conversation.on_client_event(etype, event, self._order)
             if etype != ITEM_CREATE:
                 self._quiet_since_reset = False  # the client asked for a response, or sent a new turn
         elif etype == ITEM_DELETE:
             item_id = str_or_none(event.get("item_id"))
             if item_id is not None:
                 self._client_deletes.setdefault(item_id, []).append(client_id)
-                self._order += 1
                 self._client_delete_ids[client_id] = (item_id, now, self._order)
                 self._client_delete_sent[item_id] = now
                 if len(self._client_delete_ids) > _MAX_LATE:
                     old_id, (old_item, _, _) = next(iter(self._client_delete_ids.items()))
                     self._client_delete_done(old_item, old_id)
         elif etype == AUDIO_CLEAR:
-            self._client_clears.append((client_id, now))
+            self._client_clears.append((client_id, now, self._order))
         else:
-            self._cancel_fifo.append(_Cancel(client_id, str_or_none(event.get("response_id")), False, now))
+            response_id = str_or_none(event.get("response_id"))
+            self._cancel_fifo.append(_Cancel(client_id, response_id, False, now, self._order))
         return data
 
     def _make_checkpoint(self, event: Event) -> None:
@@ -504,7 +517,7 @@ class Session:
             self._clears.append(event_id)
             self._to_upstream.append(clear_event(event_id))
         else:
-            self._cancel_fifo.append(_Cancel(event_id, target, True, now))
+            self._cancel_fifo.append(_Cancel(event_id, target, True, now, self._order))
             # Settled cancels only wait for an error that may never come: keep the newest few.
             while len(self._cancel_fifo) > _MAX_SETTLED_CANCELS and self._cancel_fifo[0].settled:
                 self._cancel_fifo.popleft()
@@ -547,15 +560,12 @@ class Session:
             del self._late_deletes[next(iter(self._late_deletes))]
         return cmd
 
-    def _late_answer(self, item_id: str) -> bool:
-        """An answer for `item_id` that may be the late one of a delete we stopped waiting for."""
-        orders = self._late_deletes.get(item_id)
-        if orders is None:
-            return False
+    def _late_answer(self, item_id: str) -> None:
+        """The oldest delete of `item_id` we stopped waiting for got its answer at last."""
+        orders = self._late_deletes[item_id]
         orders.pop(0)
         if not orders:
             del self._late_deletes[item_id]
-        return True
 
     # --- the reset ----------------------------------------------------------------------------------
 
@@ -628,7 +638,9 @@ class Session:
             del self._commands[event_id]
             if cmd.kind == "clear":
                 self._clears.remove(event_id)
-                self._late_clears = min(self._late_clears + 1, _MAX_LATE)
+                self._late_clears.append(cmd.order)
+                if len(self._late_clears) > _MAX_LATE:
+                    self._late_clears.popleft()
             else:
                 for entry in self._cancel_fifo:
                     if entry.event_id == event_id:
@@ -688,20 +700,10 @@ class Session:
         item_id = str_or_none(event.get("item_id"))
         if item_id is None:
             return False
-        # Deletes are answered in the order sent: the answer is the oldest delete's still waiting for one.
-        candidates: list[tuple[int, str]] = []
-        client = self._client_deletes.get(item_id)
-        if client:
-            candidates.append((self._client_delete_ids[client[0]][2], "client"))
-        event_id = self._deletes.get(item_id)
-        if event_id is not None:
-            candidates.append((self._commands[event_id].order, "ours"))
-        late = self._late_deletes.get(item_id)
-        if late:
-            candidates.append((late[0], "late"))
-        if not candidates:
+        whose = self._whose_delete(item_id)
+        if whose is None:
             return False
-        whose = min(candidates)[1]
+        event_id = self._deletes.get(item_id)
         if whose == "client":
             self._client_delete_done(item_id, None)
             if event_id is not None:
@@ -723,6 +725,20 @@ class Session:
         self._answered(event_id, cmd)
         return True
 
+    def _whose_delete(self, item_id: str) -> Literal["client", "ours", "late"] | None:
+        """Deletes are answered in the order sent: whose is the oldest delete of `item_id` still awaiting one."""
+        candidates: list[tuple[int, Literal["client", "ours", "late"]]] = []
+        client = self._client_deletes.get(item_id)
+        if client:
+            candidates.append((self._client_delete_ids[client[0]][2], "client"))
+        event_id = self._deletes.get(item_id)
+        if event_id is not None:
+            candidates.append((self._commands[event_id].order, "ours"))
+        late = self._late_deletes.get(item_id)
+        if late:
+            candidates.append((late[0], "late"))
+        return min(candidates)[1] if candidates else None
+
     def _confirm_deleted(self, item_id: str) -> None:
         if self.reset is not None and item_id not in self.reset.keep:
             # Confirmed while this reset runs, even if an earlier reset or a clean-up sent the delete.
@@ -741,19 +757,26 @@ class Session:
             del self._client_delete_sent[item_id]
 
     def _on_cleared(self) -> bool:
-        # The server answers clears in order; the client's, sent before ours, come back first.
+        # The server answers clears in the order sent: the client's, a timed-out reset's, ours.
+        heads: list[tuple[int, str]] = []
         if self._client_clears:
+            heads.append((self._client_clears[0][2], "client"))
+        if self._late_clears:
+            heads.append((self._late_clears[0], "late"))
+        if self._clears:
+            heads.append((self._commands[self._clears[0]].order, "ours"))
+        if not heads:
+            return False
+        whose = min(heads)[1]
+        if whose == "client":
             self._client_clears.popleft()
             return False
-        if self._late_clears:
-            # A timed-out reset's clear, answered at last: sent before any clear of ours still awaited.
-            self._late_clears -= 1
+        if whose == "late":
+            self._late_clears.popleft()  # a timed-out reset's clear, answered at last
             return True
-        if self._clears:
-            event_id = self._clears.popleft()
-            self._answered(event_id, self._commands.pop(event_id))
-            return True
-        return False
+        event_id = self._clears.popleft()
+        self._answered(event_id, self._commands.pop(event_id))
+        return True
 
     # --- responses ----------------------------------------------------------------------------------
 
@@ -854,18 +877,17 @@ class Session:
         ref = str_or_none(err.get("event_id"))
         code = str_or_none(err.get("code"))
         message = err.get("message")
-        if code is None and isinstance(message, str) and message.startswith(_CANCEL_FAILED):
-            code = CODE_CANCEL_NOT_ACTIVE  # servers that leave the code null still say what failed
+        message = message if isinstance(message, str) else ""
+        if code is None:
+            code = next((c for wording, c in _WORDINGS if message.startswith(wording)), None)
         if ref is not None:
             return self._on_named_error(ref, code)
         # No event id: the server left it null. Attribute by code and by the id quoted in the message.
-        # The wording alone is evidence only when no other code says what failed: a refused create reads
-        # "the previous item with id 'x' does not exist" too.
-        if code == CODE_UNKNOWN_ITEM or (code is None and isinstance(message, str) and "does not exist" in message):
-            match = _QUOTED_ID.search(message) if isinstance(message, str) else None
-            item_id = match.group(1) if match else None
-            if item_id is not None:
-                return self._unknown_item(item_id)
+        if code == CODE_UNKNOWN_ITEM:
+            match = _QUOTED_ID.search(message)
+            ours = self._unknown_item(match.group(1)) if match else None
+            if ours is not None:
+                return ours
         if code == CODE_CANCEL_NOT_ACTIVE:
             if not self._cancel_fifo:
                 return False
@@ -875,13 +897,58 @@ class Session:
                 if cmd is not None:
                     self._command_failed(oldest.event_id, cmd, code)
             return oldest.ours
-        if code in _NO_COMMAND_CODES or self.conversation.client_event_failed(None, code):
+        if code in _NO_COMMAND_CODES:
             return False
-        if (code is None or (code not in _KNOWN_CODES and not names_item_create(code))) and self._commands:
-            # Nothing of the client's in flight that it could answer: the oldest command of ours failed.
+        if code in _KNOWN_CODES or names_item_create(code):
+            self.conversation.client_event_failed(None, code)  # the code names the kind: its oldest failed
+            return False
+        return self._oldest_failed(code)
+
+    def _oldest_failed(self, code: str | None) -> bool:
+        """An error no code or wording explains answers the oldest command with no answer yet, whoever's."""
+        heads: list[tuple[int, str]] = []
+        conv = self.conversation.oldest_unanswered()
+        if conv is not None:
+            heads.append((conv, "conversation"))
+        if self._cancel_fifo:
+            heads.append((self._cancel_fifo[0].order, "cancel"))
+        if self._client_delete_ids:
+            heads.append((next(iter(self._client_delete_ids.values()))[2], "client_delete"))
+        if self._client_clears:
+            heads.append((self._client_clears[0][2], "client_clear"))
+        if self._commands:
+            heads.append((next(iter(self._commands.values())).order, "ours"))
+        late = [(orders[0], item_id) for item_id, orders in self._late_deletes.items()]
+        if late:
+            heads.append((min(late)[0], "late_delete"))
+        if self._late_clears:
+            heads.append((self._late_clears[0], "late_clear"))
+        if not heads:
+            return False
+        whose = min(heads)[1]
+        if whose == "conversation":
+            self.conversation.fail_oldest()
+        elif whose == "cancel":
+            entry = self._cancel_fifo.popleft()
+            cmd = self._commands.pop(entry.event_id, None) if entry.ours else None
+            if cmd is not None:
+                self._command_failed(entry.event_id, cmd, code)
+            return entry.ours
+        elif whose == "client_delete":
+            client_id, (item_id, _, _) = next(iter(self._client_delete_ids.items()))
+            self._client_delete_done(item_id, client_id)
+        elif whose == "client_clear":
+            self._client_clears.popleft()
+        elif whose == "ours":
             event_id, cmd = next(iter(self._commands.items()))
             del self._commands[event_id]
             self._command_failed(event_id, cmd, code)
+            return True
+        elif whose == "late_delete":
+            self._late_answer(min(late)[1])
+            return True
+        else:
+            self._late_clears.popleft()
             return True
         return False
 
@@ -906,20 +973,22 @@ class Session:
         self.conversation.client_event_failed(ref, code)
         return False
 
-    def _unknown_item(self, item_id: str) -> bool:
-        """A null-id error says `item_id` does not exist: whose delete was it?"""
-        if item_id in self._client_deletes:
+    def _unknown_item(self, item_id: str) -> bool | None:
+        """A null-id error says `item_id` does not exist: whose delete was it? The oldest still awaiting an answer
+        (True: ours; False: the client's; None: no delete of it is in flight)."""
+        whose = self._whose_delete(item_id)
+        if whose is None:
+            return None
+        self.conversation.remove(item_id)
+        if whose == "client":
             self._client_delete_done(item_id, None)
-            self.conversation.remove(item_id)
             return False
-        event_id = self._deletes.get(item_id)
-        if event_id is not None:
+        if whose == "ours":
+            event_id = self._deletes[item_id]
             self._command_failed(event_id, self._commands.pop(event_id), CODE_UNKNOWN_ITEM)
-            return True
-        if self._late_answer(item_id):
-            self.conversation.remove(item_id)
-            return True
-        return False
+        else:
+            self._late_answer(item_id)
+        return True
 
     def _command_failed(self, event_id: str, cmd: Command, code: str | None) -> None:
         """An `error` answered our command `event_id`."""

@@ -31,8 +31,8 @@ def client(conv: Conversation, event: Event) -> None:
 
 
 def creates(conv: Conversation) -> list[tuple[str | None, str | None]]:
-    """(client event id, chosen item id) of the item creates in flight."""
-    return [(e.event_id, e.item_id) for e in conv.item_creates]
+    """(client event id, chosen item id) of the item creates in flight and still waited for."""
+    return [(e.event_id, e.item_id) for e in conv.item_creates if not e.expired]
 
 
 def ids(queue: deque[Any]) -> list[str | None]:
@@ -320,7 +320,7 @@ def test_null_id_errors_with_nothing_to_answer_change_nothing(code: str | None) 
         ("conversation_already_has_active_response", ([], ["i1"], ["k1"])),
         ("input_audio_buffer_commit_empty", (["r1"], ["i1"], [])),
         ("item_create_duplicate_item_id", (["r1"], [], ["k1"])),
-        # No code, or one we do not know: the oldest command in flight (servers answer in order).
+        # No code, or one we do not know: the session asks for the oldest command of any kind by order.
         ("invalid_value", ([], ["i1"], ["k1"])),
         (None, ([], ["i1"], ["k1"])),
     ],
@@ -329,12 +329,20 @@ def test_null_id_errors_answer_the_oldest_event_of_the_kind_their_code_names(
     code: str, left: tuple[list[str], list[str], list[str]]
 ) -> None:
     """With the event id null, the code picks the kind (response create, commit, item create) and its oldest goes;
-    with no code or an unknown one, the oldest command of any kind."""
+    with no code or an unknown one, nothing here is settled, and `fail_oldest` takes the oldest of any kind."""
     conv = Conversation()
-    client(conv, {"type": "response.create", "event_id": "r1"})
-    client(conv, {"type": "conversation.item.create", "event_id": "i1", "item": {}})
-    client(conv, {"type": "input_audio_buffer.commit", "event_id": "k1"})
-    conv.client_event_failed(None, code)
+    for order, event in enumerate(
+        [
+            {"type": "response.create", "event_id": "r1"},
+            {"type": "conversation.item.create", "event_id": "i1", "item": {}},
+            {"type": "input_audio_buffer.commit", "event_id": "k1"},
+        ],
+        start=1,
+    ):
+        conv.on_client_event(str(event["type"]), event, order)
+    if not conv.client_event_failed(None, code):
+        assert code in ("invalid_value", None) and conv.oldest_unanswered() == 1
+        conv.fail_oldest()
     assert [p.event_id for p in conv.pending_creates] == left[0]
     assert ids(conv.item_creates) == left[1]
     assert ids(conv.commits) == left[2]
@@ -363,6 +371,7 @@ def test_the_late_item_of_a_create_forgotten_by_age_answers_no_other_create() ->
 def test_the_memory_of_expired_ids_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the bound the oldest expired id is forgotten."""
     monkeypatch.setattr(conversation_module, "_REMEMBER_REMOVED", 1)
+    monkeypatch.setattr(conversation_module, "_MAX_EXPIRED", 0)
     clock = [1000.0]
     conv = Conversation(lambda: clock[0], max_age=10.0)
     client(conv, {"type": "conversation.item.create", "event_id": "c1", "item": {"id": "m1"}})
@@ -370,3 +379,31 @@ def test_the_memory_of_expired_ids_is_bounded(monkeypatch: pytest.MonkeyPatch) -
     clock[0] += 11.0
     conv.prune(clock[0])
     assert list(conv._expired_ids) == ["m2"]
+
+
+def test_an_aged_out_create_past_the_bound_still_answers_no_other_create(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond the few aged-out creates kept in order, one dropped still has its chosen id remembered: its late item
+    leaves the newer id-less create waiting."""
+    monkeypatch.setattr(conversation_module, "_MAX_EXPIRED", 0)
+    clock = [1000.0]
+    conv = Conversation(lambda: clock[0], max_age=10.0)
+    client(conv, {"type": "conversation.item.create", "event_id": "c1", "item": {"id": "mine"}})
+    clock[0] += 11.0
+    client(conv, {"type": "conversation.item.create", "event_id": "c2", "item": {"type": "message"}})
+    assert ids(conv.item_creates) == ["c2"]
+    feed(conv, created("mine"))
+    assert ids(conv.item_creates) == ["c2"] and "mine" in conv
+
+
+def test_a_named_answer_shows_that_older_aged_out_commands_of_its_kind_were_answered_or_lost() -> None:
+    """Answers come in order: once a newer create is answered by its item, the aged-out ones before it wait for
+    nothing any more, and leave the order."""
+    clock = [1000.0]
+    conv = Conversation(lambda: clock[0], max_age=10.0)
+    client(conv, {"type": "conversation.item.create", "event_id": "c1", "item": {"type": "message"}})
+    clock[0] += 11.0
+    client(conv, {"type": "conversation.item.create", "event_id": "c2", "item": {"id": "mine"}})
+    assert [(e.event_id, e.expired) for e in conv.item_creates] == [("c1", True), ("c2", False)]
+    assert conv.items_coming() == 1
+    feed(conv, created("mine"))
+    assert list(conv.item_creates) == [] and conv.oldest_unanswered() is None

@@ -181,6 +181,146 @@ def test_a_clients_id_less_cancel_is_never_credited_with_an_out_of_band_response
     assert down == []
 
 
+# Found by the property runs over the model's quirks (issue 9, second session): null-id errors in order.
+
+
+def test_a_null_id_unknown_item_error_answers_the_oldest_delete_of_that_item_ours_before_the_clients() -> None:
+    """A timed-out reset's late delete of `a`, then ours, then the client's: the ack is the late one's, the
+    "does not exist" error ours (hidden), and only the next answer is the client's."""
+    p = Play(reset_timeout=10.0)
+    p.items("a")
+    p.client({"type": "session.reset", "event_id": "r1", "clear_input_audio": False})
+    p.clock.now += 11.0
+    p.session.handle_timeout()
+    p.take()
+    up, _ = p.client({"type": "session.reset", "event_id": "r2", "clear_input_audio": False})
+    assert types(up) == ["conversation.item.delete"]
+    up, _ = p.client({"type": "conversation.item.delete", "event_id": "d1", "item_id": "a"})
+    assert up == []  # held behind r2
+    _, down = p.deleted("a")  # the late answer to r1's delete: the item is gone, r2 is done
+    assert reset_completed(down)["deleted_item_ids"] == ["a"]
+    assert types(p.take()[0]) == []
+    gone = "Error deleting item: the item with id 'a' does not exist."
+    _, down = p.error(NULL, NULL, gone)  # r2's delete's answer: ours
+    assert down == []
+    _, down = p.error(NULL, NULL, gone)  # the client's d1's
+    assert types(down) == ["error"]
+
+
+@pytest.mark.parametrize("with_wording", [True, False])
+def test_a_null_error_for_a_refused_create_names_the_create_not_a_delete(with_wording: bool) -> None:
+    """ "Error adding item: the previous item with id 'x' does not exist" is a create's failure, whoever deletes
+    `x`; without the wording, order says the same (the create is the oldest command unanswered)."""
+    p = Play()
+    p.client(
+        {"type": "conversation.item.create", "event_id": "i1", "item": {"type": "message"}, "previous_item_id": "x"}
+    )
+    up, _ = p.client({"type": "session.reset", "event_id": "r1", "cancel_response": False})
+    assert types(up) == ["input_audio_buffer.clear"]
+    message = "Error adding item: the previous item with id 'x' does not exist." if with_wording else "nope"
+    _, down = p.error(NULL, NULL, message)
+    assert types(down) == ["error"]  # the client's, shown
+    _, down = p.upstream({"type": "input_audio_buffer.cleared", "event_id": "ev"})
+    assert reset_completed(down)["deleted_item_ids"] == []
+
+
+def test_a_late_null_error_for_an_aged_out_commit_is_not_taken_for_a_newer_create() -> None:
+    """A commit forgotten by age is answered at last by an error no wording explains: it is the commit's (the
+    oldest unanswered), so the reset still waits for the newer create's item."""
+    p = Play(reset_timeout=10.0)
+    p.client({"type": "input_audio_buffer.commit", "event_id": "k1"})
+    p.clock.now += 11.0
+    p.client({"type": "conversation.item.create", "event_id": "i1", "item": {"id": "mine", "type": "message"}})
+    up, down = p.client({"type": "session.reset", "event_id": "r1", "keep_item_ids": ["mine"]})
+    assert types(up) == ["input_audio_buffer.clear"] and down == []
+    _, down = p.error(NULL, NULL, "buffer too small")  # k1's answer, at last
+    assert types(down) == ["error"]
+    _, down = p.upstream({"type": "input_audio_buffer.cleared", "event_id": "ev"})
+    assert down == [] and p.session.paused  # i1's item is still on its way
+    _, down = p.item("mine")
+    assert types(down) == ["conversation.item.created", "session.reset.completed"]
+    assert reset_completed(down)["kept_item_ids"] == ["mine"]
+
+
+def test_a_null_already_active_error_is_the_clients_even_when_server_vad_took_its_requests_place() -> None:
+    """Server VAD starts a response before the client's `response.create` arrives; the create's refusal (null
+    code, the API's wording) reaches the client, and is not taken for the reset's cancel."""
+    p = Play()
+    p.client({"type": "response.create", "event_id": "c1"})
+    p.response_created("resp_vad")  # server VAD's, taken for c1's
+    up, _ = p.client({"type": "session.reset", "event_id": "r1", "clear_input_audio": False})
+    assert types(up) == ["response.cancel"]
+    _, down = p.error(NULL, NULL, "Conversation already has an active response in progress: resp_vad.")
+    assert types(down) == ["error"]
+    _, down = p.upstream({"type": "response.done", "response": {"id": "resp_vad", "status": "cancelled", "output": []}})
+    completed = reset_completed(down)
+    assert completed["response_cancelled"] is True
+
+
+def test_a_clients_cancel_refused_with_an_unknown_code_and_null_id_is_the_clients() -> None:
+    """A server that cannot cancel answers the client's cancel with "not_implemented" and a null id: the oldest
+    command unanswered is the client's cancel, not the reset's clear."""
+    p = Play()
+    p.client({"type": "response.cancel", "event_id": "x1"})
+    up, _ = p.client({"type": "session.reset", "event_id": "r1", "cancel_response": False})
+    assert types(up) == ["input_audio_buffer.clear"]
+    _, down = p.error("not_implemented", NULL, "response.cancel is not implemented by this server.")
+    assert types(down) == ["error"]
+    _, down = p.upstream({"type": "input_audio_buffer.cleared", "event_id": "ev"})
+    assert types(down) == ["session.reset.completed"]
+
+
+def test_a_null_error_no_wording_explains_answers_a_timed_out_resets_late_delete_first() -> None:
+    """The oldest command unanswered may be one a timed-out reset stopped waiting for: the error is ours."""
+    p = Play(reset_timeout=10.0)
+    p.items("a")
+    p.client({"type": "session.reset", "event_id": "r1", "clear_input_audio": False})
+    p.clock.now += 11.0
+    p.session.handle_timeout()
+    p.take()
+    p.client({"type": "input_audio_buffer.clear", "event_id": "k1"})
+    _, down = p.error(NULL, NULL, "internal error")  # r1's delete of a, at last
+    assert down == [] and "a" in p.session.conversation
+    _, down = p.error(NULL, NULL, "internal error")  # the client's clear
+    assert types(down) == ["error"]
+    _, down = p.error(NULL, NULL, "internal error")  # nothing left to answer: shown
+    assert types(down) == ["error"]
+
+
+def test_a_null_error_no_wording_explains_may_answer_the_resets_cancel() -> None:
+    """The reset's cancel is the oldest command unanswered: refused, so the reset deletes alongside and waits for
+    the response to end."""
+    p = Play()
+    p.items("a")
+    p.response_created("resp_1")
+    up, _ = p.client({"type": "session.reset", "event_id": "r1", "clear_input_audio": False})
+    assert types(up) == ["response.cancel"]
+    up, down = p.error(NULL, NULL, "internal error")
+    assert down == [] and types(up) == ["conversation.item.delete"]
+    p.deleted("a")
+    _, down = p.response_done("resp_1")
+    assert reset_completed(down)["deleted_item_ids"] == ["a"]
+
+
+def test_an_unasked_for_cleared_and_a_null_session_expired_answer_nothing() -> None:
+    p = Play()
+    _, down = p.upstream({"type": "input_audio_buffer.cleared", "event_id": "ev"})
+    assert types(down) == ["input_audio_buffer.cleared"]
+    p.client({"type": "conversation.item.create", "event_id": "i1", "item": {"type": "message"}})
+    _, down = p.error("session_expired", NULL, "Your session hit the maximum duration of 60 minutes.")
+    assert types(down) == ["error"] and len(p.session.conversation.item_creates) == 1
+
+
+def test_the_late_clears_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_module, "_MAX_LATE", 1)
+    p = Play(reset_timeout=10.0)
+    for n in range(2):
+        p.client({"type": "session.reset", "event_id": f"r{n}", "cancel_response": False})
+        p.clock.now += 11.0
+        p.session.handle_timeout()
+    assert len(p.session._late_clears) == 1
+
+
 # --- 2. evidence over intent ----------------------------------------------------------------------
 
 
@@ -525,7 +665,7 @@ def test_an_error_naming_one_of_several_client_clears_answers_that_one() -> None
     p.client({"type": "input_audio_buffer.clear", "event_id": "k2"})
     _, down = p.error("server_error", "k2", "boom", error_type="server_error")
     assert types(down) == ["error"]
-    assert [c for c, _ in p.session._client_clears] == ["k1"]
+    assert [c for c, _, _ in p.session._client_clears] == ["k1"]
 
 
 def test_two_timed_out_deletes_of_one_item_have_both_late_answers_hidden() -> None:
