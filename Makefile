@@ -72,3 +72,6 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick
+
+bench-quirks: $(STAMP)
+	$(BIN)/python -m bench.quirks

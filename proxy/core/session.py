@@ -26,8 +26,8 @@ Rules:
   over): the next reset cancels it again, and deletes alongside instead of waiting for it first.
 - Evidence beats intent: a `response.done` ends its response whatever its status; a new conversation
   response ends the one before it. A cancelled `response.done` is credited to the first cancel sent that names
-  it (a client's id-less cancel applies to conversation responses only), unless its reason shows it was not a
-  cancel (`turn_detected`: server VAD); every cancel of ours for a response that ended is settled either way.
+  it (a client's id-less cancel: any response not known to be out of band), unless its reason shows it was not
+  a cancel (`turn_detected`: server VAD); every cancel of ours for a response that ended is settled either way.
 - Late responses: after a reset, a conversation response that starts with no client `response.create`, no
   commit and no new speech since (an auto-response for input the reset removed) is cancelled, and its items
   are deleted as they appear.
@@ -260,9 +260,10 @@ class Session:
         self._clears: deque[str] = deque()
         self._cancel_fifo: deque[_Cancel] = deque()  # every cancel in flight, ours and the client's, as sent
         # Answers that may still come for commands we stopped waiting for (a timed-out reset's): they are ours.
-        self._late_deletes: dict[str, list[int]] = {}  # item id → the orders of late answers still to come
+        # item id → (order, our event id) of each delete whose late answer is still to come, oldest first
+        self._late_deletes: dict[str, list[tuple[int, str]]] = {}
         self._order = 0  # counts every command sent, the client's and ours: answers come in this order
-        self._late_clears: deque[int] = deque()  # orders of a timed-out reset's clears, unanswered
+        self._late_clears: deque[tuple[int, str]] = deque()  # (order, event id): a timed-out reset's clears
         # Client commands in flight whose answers look like ours: tell them apart.
         # item id → client event ids, oldest first; they stay until answered, for telling answers apart, but a
         # reset stops waiting for one once it is older than the timeout (bounded by _MAX_LATE).
@@ -427,7 +428,7 @@ class Session:
             self._client_clears.append((client_id, now, self._order))
         else:
             response_id = str_or_none(event.get("response_id"))
-            self._cancel_fifo.append(_Cancel(client_id, response_id, False, now, self._order))
+            self._add_cancel(_Cancel(client_id, response_id, False, now, self._order))
         return data
 
     def _make_checkpoint(self, event: Event) -> None:
@@ -517,11 +518,15 @@ class Session:
             self._clears.append(event_id)
             self._to_upstream.append(clear_event(event_id))
         else:
-            self._cancel_fifo.append(_Cancel(event_id, target, True, now, self._order))
-            # Settled cancels only wait for an error that may never come: keep the newest few.
-            while len(self._cancel_fifo) > _MAX_SETTLED_CANCELS and self._cancel_fifo[0].settled:
-                self._cancel_fifo.popleft()
+            self._add_cancel(_Cancel(event_id, target, True, now, self._order))
             self._to_upstream.append(cancel_event(event_id, target))
+
+    def _add_cancel(self, entry: _Cancel) -> None:
+        self._cancel_fifo.append(entry)
+        # Settled cancels of ours and the client's only wait for an answer that may never come: keep the newest.
+        fifo = self._cancel_fifo
+        while len(fifo) > _MAX_SETTLED_CANCELS and (fifo[0].settled or not fifo[0].ours):
+            fifo.popleft()
 
     def _answered(self, event_id: str, cmd: Command) -> None:
         """Our command `event_id` got its answer; the reset it belongs to (if still running) may move on."""
@@ -534,17 +539,13 @@ class Session:
         cutoff = now - self.config.reset_timeout
         while self._client_clears and self._client_clears[0][1] <= cutoff:
             self._client_clears.popleft()
-        kept: deque[_Cancel] = deque()
         for entry in self._cancel_fifo:
-            if entry.ours:
-                if not entry.settled and entry.sent_at <= cutoff:
-                    # Stop waiting for it, but keep it (bounded) so that its late error is still known as ours.
-                    entry.settled = True
-                    self._commands.pop(entry.event_id, None)
-                kept.append(entry)
-            elif entry.sent_at > cutoff:
-                kept.append(entry)
-        self._cancel_fifo = kept
+            if entry.ours and not entry.settled and entry.sent_at <= cutoff:
+                # Stop waiting for it, but keep it (bounded) so that its late error is still known as ours.
+                entry.settled = True
+                self._commands.pop(entry.event_id, None)
+        # Nothing waits for a client's cancel, but it keeps its place: a slow server's late error for it must not
+        # be taken for a newer cancel's.
         for event_id in list(self._deletes.values()):
             if self._commands[event_id].sent_at <= cutoff:
                 self._forget_delete(event_id)
@@ -555,16 +556,17 @@ class Session:
         target = cmd.target
         assert target is not None
         del self._deletes[target]
-        self._late_deletes.setdefault(target, []).append(cmd.order)
+        self._late_deletes.setdefault(target, []).append((cmd.order, event_id))
         if len(self._late_deletes) > _MAX_LATE:
             del self._late_deletes[next(iter(self._late_deletes))]
         return cmd
 
-    def _late_answer(self, item_id: str) -> None:
-        """The oldest delete of `item_id` we stopped waiting for got its answer at last."""
-        orders = self._late_deletes[item_id]
-        orders.pop(0)
-        if not orders:
+    def _late_answer(self, item_id: str, event_id: str | None = None) -> None:
+        """A delete of `item_id` we stopped waiting for got its answer at last: the one named, else the oldest."""
+        late = self._late_deletes[item_id]
+        named = [entry for entry in late if entry[1] == event_id]
+        late.remove(named[0] if named else late[0])
+        if not late:
             del self._late_deletes[item_id]
 
     # --- the reset ----------------------------------------------------------------------------------
@@ -638,7 +640,7 @@ class Session:
             del self._commands[event_id]
             if cmd.kind == "clear":
                 self._clears.remove(event_id)
-                self._late_clears.append(cmd.order)
+                self._late_clears.append((cmd.order, event_id))
                 if len(self._late_clears) > _MAX_LATE:
                     self._late_clears.popleft()
             else:
@@ -736,7 +738,7 @@ class Session:
             candidates.append((self._commands[event_id].order, "ours"))
         late = self._late_deletes.get(item_id)
         if late:
-            candidates.append((late[0], "late"))
+            candidates.append((late[0][0], "late"))
         return min(candidates)[1] if candidates else None
 
     def _confirm_deleted(self, item_id: str) -> None:
@@ -762,7 +764,7 @@ class Session:
         if self._client_clears:
             heads.append((self._client_clears[0][2], "client"))
         if self._late_clears:
-            heads.append((self._late_clears[0], "late"))
+            heads.append((self._late_clears[0][0], "late"))
         if self._clears:
             heads.append((self._commands[self._clears[0]].order, "ours"))
         if not heads:
@@ -831,11 +833,13 @@ class Session:
                 self._delete_doomed(out_id)
         if response.get("status") != "cancelled" or _cancel_reason(response) not in _CANCEL_REASONS:
             return
-        in_conversation = self.conversation.active_responses.get(rid) is Kind.CONVERSATION
+        # A client's id-less cancel ends the conversation's response: any response not known to be out of band
+        # (a server that reports no conversation_id is unlikely to run responses out of band at all).
+        maybe_in_conversation = self.conversation.active_responses.get(rid) is not Kind.OUT_OF_BAND
         # The first cancel sent that applies to this response is the one that ended it (one of ours we stopped
         # waiting for included: it still takes the answer).
         for entry in self._cancel_fifo:
-            if entry.response_id == rid or (entry.response_id is None and not entry.ours and in_conversation):
+            if entry.response_id == rid or (entry.response_id is None and not entry.ours and maybe_in_conversation):
                 self._cancel_fifo.remove(entry)
                 if entry.ours:
                     if not entry.settled:
@@ -889,9 +893,10 @@ class Session:
             if ours is not None:
                 return ours
         if code == CODE_CANCEL_NOT_ACTIVE:
-            if not self._cancel_fifo:
+            match = _QUOTED_ID.search(message)
+            oldest = self._failed_cancel(match.group(1) if match else None)
+            if oldest is None:
                 return False
-            oldest = self._cancel_fifo.popleft()  # cancels are answered in the order sent
             if oldest.ours:
                 cmd = self._commands.pop(oldest.event_id, None)
                 if cmd is not None:
@@ -918,11 +923,11 @@ class Session:
             heads.append((self._client_clears[0][2], "client_clear"))
         if self._commands:
             heads.append((next(iter(self._commands.values())).order, "ours"))
-        late = [(orders[0], item_id) for item_id, orders in self._late_deletes.items()]
+        late = [(entries[0][0], item_id) for item_id, entries in self._late_deletes.items()]
         if late:
             heads.append((min(late)[0], "late_delete"))
         if self._late_clears:
-            heads.append((self._late_clears[0], "late_clear"))
+            heads.append((self._late_clears[0][0], "late_clear"))
         if not heads:
             return False
         whose = min(heads)[1]
@@ -952,13 +957,34 @@ class Session:
             return True
         return False
 
+    def _late_named(self, event_id: str) -> None:
+        """An error names a command of ours we stopped waiting for: it has its answer, and leaves the order."""
+        for item_id, late in self._late_deletes.items():
+            if any(entry[1] == event_id for entry in late):
+                self._late_answer(item_id, event_id)
+                return
+        for entry in self._late_clears:
+            if entry[1] == event_id:
+                self._late_clears.remove(entry)
+                return
+
+    def _failed_cancel(self, response_id: str | None) -> _Cancel | None:
+        """The cancel a not-active error answers: cancels are answered in the order sent, so the oldest; the
+        oldest that names the response when the message quotes one (none such: not a cancel we know of)."""
+        for entry in self._cancel_fifo:
+            if response_id is None or entry.response_id == response_id:
+                self._cancel_fifo.remove(entry)
+                return entry
+        return None
+
     def _on_named_error(self, ref: str, code: str | None) -> bool:
         cmd = self._commands.pop(ref, None)
         if cmd is not None:
             self._command_failed(ref, cmd, code)
             return True
-        cancel = self._cancel_entry(ref)
-        if (cancel is not None and cancel.ours) or ref.startswith(self._command_prefix):
+        self._cancel_entry(ref)
+        if ref.startswith(self._command_prefix):
+            self._late_named(ref)
             return True  # ours: a settled cancel's late error, or a command we had stopped waiting for
         client_delete = self._client_delete_ids.get(ref)
         if client_delete is not None:

@@ -321,6 +321,41 @@ def test_the_late_clears_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch)
     assert len(p.session._late_clears) == 1
 
 
+def test_a_named_error_for_a_delete_we_stopped_waiting_for_takes_it_out_of_the_order() -> None:
+    """The late delete's ack comes first (the item is gone, so our newer delete is waited for no more); then our
+    newer delete's own error, naming it, and the client's delete's error with a null id: the client's, shown."""
+    p = Play(reset_timeout=10.0)
+    p.items("a")
+    p.client({"type": "session.reset", "event_id": "r1", "clear_input_audio": False})
+    p.clock.now += 11.0
+    p.session.handle_timeout()
+    p.take()
+    up, _ = p.client({"type": "session.reset", "event_id": "r2", "clear_input_audio": False})
+    (ours,) = up
+    _, down = p.deleted("a")
+    assert types(down) == ["session.reset.completed"]
+    _, down = p.error("item_delete_invalid_item_id", ours["event_id"], "Error deleting item: the item with id 'a'")
+    assert down == [] and p.session._late_deletes == {}
+    p.client({"type": "conversation.item.delete", "event_id": "d1", "item_id": "a"})
+    _, down = p.error("item_delete_invalid_item_id", NULL, "Error deleting item: the item with id 'a' does not exist.")
+    assert types(down) == ["error"]
+
+
+def test_a_named_error_for_a_late_clear_takes_it_out_of_the_order() -> None:
+    """Errors naming commands of ours we stopped waiting for are ours, whatever they name; one naming a late
+    clear also takes that clear out of the order, so the next clear's answer is not taken for it."""
+    p = Play(reset_timeout=10.0)
+    up, _ = p.client({"type": "session.reset", "event_id": "r1", "cancel_response": False})
+    (clear,) = up
+    p.clock.now += 11.0
+    p.session.handle_timeout()
+    p.take()
+    _, down = p.error("server_error", p.session.id_prefix + "cmd999", "boom")
+    assert down == [] and len(p.session._late_clears) == 1
+    _, down = p.error("server_error", clear["event_id"], "boom")
+    assert down == [] and not p.session._late_clears
+
+
 # --- 2. evidence over intent ----------------------------------------------------------------------
 
 
@@ -723,19 +758,71 @@ def test_a_reset_waiting_for_an_announced_item_wakes_when_the_announcement_ages_
     assert types(down) == ["session.reset.completed"]
 
 
-def test_a_timeout_settles_our_cancel_and_ages_out_the_clients_before_it() -> None:
-    """At a timeout our cancel stops being awaited but stays ours; a client cancel sent before the reset is as old
-    as the timeout and is forgotten with it, so the not-active error that finally comes is taken as ours."""
+def test_a_timeout_settles_our_cancel_and_a_client_cancel_before_it_keeps_its_place() -> None:
+    """At a timeout our cancel stops being awaited but stays ours; a client cancel sent before it is awaited by
+    nothing, yet keeps its place: the first not-active error that finally comes is the client's, the next ours."""
     p = Play(reset_timeout=5.0)
     p.response_created("r1")
-    p.client({"type": "response.cancel", "event_id": "c1", "response_id": "r0"})
+    p.client({"type": "response.cancel", "event_id": "c1"})
     p.client({"type": "session.reset", "clear_input_audio": False})
     p.clock.now += 5.0
     p.session.handle_timeout()
     p.take()
-    assert [(e.ours, e.settled) for e in p.session._cancel_fifo] == [(True, True)]
+    assert [(e.ours, e.settled) for e in p.session._cancel_fifo] == [(False, False), (True, True)]
+    _, down = p.error("response_cancel_not_active", None, "no active response")
+    assert types(down) == ["error"]
     _, down = p.error("response_cancel_not_active", None, "no active response")
     assert down == []
+
+
+def test_a_not_active_error_that_quotes_a_response_answers_the_cancel_naming_it() -> None:
+    """The client cancelled a response long gone, then a reset cancels the running one: the error quoting the
+    client's id is the client's, even with our cancel first in line; one quoting an id no cancel names is
+    nobody's we know of."""
+    p = Play()
+    p.response_created("r1")
+    up, _ = p.client({"type": "session.reset", "event_id": "x", "clear_input_audio": False})
+    assert types(up) == ["response.cancel"]
+    p.client({"type": "response.cancel", "event_id": "c1", "response_id": "gone"})
+    _, down = p.error(NULL, NULL, "Cancellation failed: no active response found with id 'gone'.")
+    assert types(down) == ["error"]
+    _, down = p.error(NULL, NULL, "Cancellation failed: no active response found with id 'other'.")
+    assert types(down) == ["error"]
+    _, down = p.response_done("r1", "cancelled")
+    assert reset_completed(down)["response_cancelled"] is True
+
+
+def test_a_clients_id_less_cancel_ends_a_response_of_unknown_kind() -> None:
+    """A server that reports no conversation_id: the client's id-less cancel, sent first, ended the response;
+    the not-active error that follows answers the reset's cancel (hidden), not the client's."""
+    p = Play()
+    p.client({"type": "response.cancel", "event_id": "c1"})
+    p.upstream({"type": "response.created", "response": {"id": "r1", "status": "in_progress"}})  # no conversation_id
+    up, _ = p.client({"type": "session.reset", "event_id": "x", "clear_input_audio": False})
+    assert types(up) == ["response.cancel"]
+    _, down = p.upstream(
+        {
+            "type": "response.done",
+            "response": {"id": "r1", "status": "cancelled", "status_details": {"reason": "client_cancelled"}},
+        }
+    )
+    assert types(down) == ["response.done", "session.reset.completed"]
+    assert reset_completed(down)["response_cancelled"] is False  # the client's cancel did it
+    _, down = p.error(NULL, NULL, "Cancellation failed: no active response found with id 'r1'.")
+    assert down == []
+
+
+def test_a_null_error_no_wording_explains_may_answer_a_clients_delete_or_a_late_clear() -> None:
+    p = Play(reset_timeout=10.0)
+    p.client({"type": "session.reset", "event_id": "r1", "cancel_response": False})
+    p.clock.now += 11.0
+    p.session.handle_timeout()
+    p.take()
+    p.client({"type": "conversation.item.delete", "event_id": "d1", "item_id": "x"})
+    _, down = p.error(NULL, NULL, "internal error")  # r1's clear, at last
+    assert down == []
+    _, down = p.error(NULL, NULL, "internal error")  # d1's
+    assert types(down) == ["error"] and p.session._client_delete_ids == {}
 
 
 @pytest.mark.parametrize(
