@@ -78,7 +78,6 @@ class PendingCreate:
     """A client command that was forwarded and not yet answered (`response.create`, item create, commit)."""
 
     event_id: str | None
-    out_of_band: bool = False  # response.create only: what the request asked for
     item_id: str | None = None  # conversation.item.create only: the id the client chose
     sent_at: float = 0.0
     order: int = 0  # the session's count of every command sent (answers come in that order)
@@ -189,9 +188,8 @@ class Conversation:
         self.prune(now)
         event_id = str_or_none(event.get("event_id"))
         if etype == RESPONSE_CREATE:
-            response = event.get("response")
-            oob = isinstance(response, dict) and response.get("conversation") == "none"
-            self.pending_creates.append(PendingCreate(event_id, out_of_band=oob, sent_at=now, order=order))
+            # Whatever it asks for (`conversation: "none"` included): only its response.created shows its kind.
+            self.pending_creates.append(PendingCreate(event_id, sent_at=now, order=order))
         elif etype == ITEM_CREATE:
             item = event.get("item")
             item_id = str_or_none(item.get("id")) if isinstance(item, dict) else None
@@ -285,8 +283,9 @@ class Conversation:
 
     @property
     def response_requested(self) -> bool:
-        """A client asked for a response that can add items, and it has not started yet."""
-        return any(not p.out_of_band and not p.expired for p in self.pending_creates)
+        """A client asked for a response, and it has not started yet: until its `response.created` shows its
+        kind it may add items (a server may ignore `conversation: "none"`)."""
+        return any(not p.expired for p in self.pending_creates)
 
     def conversation_responses(self) -> list[str]:
         """Running responses that can add items (in the conversation, or of unknown kind): a reset cancels them

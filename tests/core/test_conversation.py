@@ -173,14 +173,14 @@ def test_response_created_without_an_id_consumes_the_request_but_tracks_nothing(
     assert not conv.response_in_progress
 
 
-def test_out_of_band_requests_do_not_count_as_a_response_in_progress() -> None:
-    """An out-of-band `response.create` not yet started does not hold a reset back; an in-conversation one does."""
+def test_an_out_of_band_request_counts_as_a_response_in_progress_until_it_starts_out_of_band() -> None:
+    """Evidence over intent: a `response.create` asking for `conversation: "none"` may still add items (servers
+    that ignore the option), so it counts until its `response.created` says it runs out of band."""
     conv = Conversation()
     client(conv, {"type": "response.create", "response": {"conversation": "none"}})
-    assert not conv.response_in_progress
-    client(conv, {"type": "response.create", "response": {"conversation": "auto"}})
     assert conv.response_in_progress
-    assert [p.out_of_band for p in conv.pending_creates] == [True, False]
+    feed(conv, {"type": "response.created", "response": {"id": "r1", "conversation_id": None}})
+    assert not conv.response_in_progress and conv.active_responses == {"r1": Kind.OUT_OF_BAND}
 
 
 def test_end_response_of_an_unknown_response_is_harmless() -> None:

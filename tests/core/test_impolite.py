@@ -375,6 +375,30 @@ def test_an_out_of_band_request_the_server_ignored_is_cancelled_and_its_item_del
     assert reset_completed(down)["deleted_item_ids"] == ["o1"]
 
 
+def test_a_reset_waits_for_an_out_of_band_request_to_show_its_kind() -> None:
+    """A reset right after an out-of-band request does not trust the request: it waits for its response.created.
+    Here the server ignored the option; the reset waits for the response (no cancel asked) and deletes its item."""
+    p = Play()
+    p.client({"type": "response.create", "event_id": "c1", "response": {"conversation": "none"}})
+    up, down = p.client({"type": "session.reset", "cancel_response": False, "clear_input_audio": False})
+    assert up == [] and down == [] and p.session.paused
+    p.response_created("r1", conversation_id="conv_1")
+    p.output_item("r1", "o1")
+    p.item("o1")
+    up, _ = p.response_done("r1")
+    assert [e["item_id"] for e in up] == ["o1"]
+    _, down = p.ack_all(up)
+    assert reset_completed(down)["deleted_item_ids"] == ["o1"]
+
+
+def test_a_reset_after_an_out_of_band_request_completes_once_it_starts_out_of_band() -> None:
+    p = Play()
+    p.client({"type": "response.create", "event_id": "c1", "response": {"conversation": "none"}})
+    p.client({"type": "session.reset", "clear_input_audio": False})
+    _, down = p.response_created("r1", conversation_id=None)
+    assert types(down) == ["response.created", "session.reset.completed"]
+
+
 def test_an_item_event_for_an_out_of_band_output_makes_the_reset_delete_it() -> None:
     """The server says out of band (conversation_id null) but announces the item with an item event: tracked."""
     p = Play()
