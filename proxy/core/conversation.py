@@ -15,7 +15,9 @@ Rules (both generations):
 - A response is *in progress* from the moment a client `response.create` is forwarded (or the upstream
   starts one itself, e.g. server VAD) until its `response.done` (whatever its status or reason), until an
   `error` answers that create, or until a new in-conversation `response.created` replaces it (the server runs
-  one conversation response at a time; some replace it without a `response.done`).
+  one conversation response at a time; some replace it without a `response.done`). A new response of unknown
+  kind replaces earlier ones only when it answers a request that did not ask for `conversation: "none"`
+  (the request is a hint here, never the evidence: it only lets a replaced response end).
 - A client `conversation.item.create` or `input_audio_buffer.commit` that was forwarded and not answered yet
   is an item *on its way*: a reset that follows it must wait for it, or the item would outlive the reset.
   Item events answer creates by item id (when the client chose one) or else in order; item events for
@@ -78,6 +80,7 @@ class PendingCreate:
     """A client command that was forwarded and not yet answered (`response.create`, item create, commit)."""
 
     event_id: str | None
+    out_of_band: bool = False  # response.create only: what it asked for (a hint, never evidence of the kind)
     item_id: str | None = None  # conversation.item.create only: the id the client chose
     sent_at: float = 0.0
     order: int = 0  # the session's count of every command sent (answers come in that order)
@@ -189,7 +192,9 @@ class Conversation:
         event_id = str_or_none(event.get("event_id"))
         if etype == RESPONSE_CREATE:
             # Whatever it asks for (`conversation: "none"` included): only its response.created shows its kind.
-            self.pending_creates.append(PendingCreate(event_id, sent_at=now, order=order))
+            response = event.get("response")
+            oob = isinstance(response, dict) and response.get("conversation") == "none"
+            self.pending_creates.append(PendingCreate(event_id, out_of_band=oob, sent_at=now, order=order))
         elif etype == ITEM_CREATE:
             item = event.get("item")
             item_id = str_or_none(item.get("id")) if isinstance(item, dict) else None
@@ -353,8 +358,8 @@ class Conversation:
         if not isinstance(response, dict):
             return []
         rid = str_or_none(response.get("id"))
-        if self.pending_creates:
-            self.pending_creates.popleft()  # it answers the oldest request (a guess only for which one)
+        # It answers the oldest request (a guess only for which one), or none: the server started it itself.
+        request = self.pending_creates.popleft() if self.pending_creates else None
         if rid is None:
             return []
         if "conversation_id" in response:
@@ -366,7 +371,12 @@ class Conversation:
         if kind is Kind.CONVERSATION:
             # One conversation response at a time: a new one shows the old one is over, done or not.
             ended = [r for r, k in self.active_responses.items() if k is Kind.CONVERSATION and r != rid]
-            for old in ended:
-                self.end_response(old)
+        elif kind is Kind.UNKNOWN and request is not None and not request.out_of_band:
+            # A server that names no conversation started the response a client asked to have in the
+            # conversation: any earlier one that may be in the conversation is over (or was replaced), and one
+            # that was really out of band adds nothing to it anyway.
+            ended = [r for r, k in self.active_responses.items() if k is not Kind.OUT_OF_BAND and r != rid]
+        for old in ended:
+            self.end_response(old)
         self.active_responses[rid] = kind
         return ended

@@ -134,6 +134,25 @@ def test_a_replaced_response_ends_when_the_new_one_starts() -> None:
     assert reset_completed(down)["response_cancelled"] is True
 
 
+def test_a_replaced_response_of_unknown_kind_ends_when_a_requested_one_starts() -> None:
+    """No conversation_id anywhere: a response the client asked to have in the conversation, started while an
+    earlier one runs, shows the earlier one was replaced; one asked for out of band shows nothing."""
+    p = Play()
+    unnamed = {"type": "response.created", "response": {"id": "r1", "status": "in_progress"}}
+    p.client({"type": "response.create", "event_id": "c1"})
+    p.upstream(unnamed)
+    p.client({"type": "response.create", "event_id": "c2", "response": {"conversation": "none"}})
+    p.upstream({**unnamed, "response": {"id": "r2"}})
+    assert p.session.conversation.conversation_responses() == ["r1", "r2"]
+    p.client({"type": "response.create", "event_id": "c3"})
+    p.upstream({**unnamed, "response": {"id": "r3"}})
+    assert p.session.conversation.conversation_responses() == ["r3"]
+    up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
+    assert [(e["type"], e["response_id"]) for e in up] == [("response.cancel", "r3")]
+    _, down = p.response_done("r3", "cancelled")
+    assert reset_completed(down)["response_cancelled"] is True
+
+
 def test_a_replacement_settles_our_cancel_for_the_replaced_response() -> None:
     """Our cancel for r1 is settled when r2 replaces r1: the reset then cancels r2 and does not wait for r1."""
     p = Play()

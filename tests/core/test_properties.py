@@ -45,8 +45,8 @@ fixed are ``xfail(strict=True)``, and the machine steers around them (``KNOWN_BU
 find others. ``RRP_AVOID_KNOWN_BUGS=0`` lets it find them again.
 
 Examples per run: 300 by default (3,000 over the ten runs), ``HYPOTHESIS_PROFILE=long`` 1,000 (10,000),
-``HYPOTHESIS_PROFILE=soak`` 10,000 (100,000). Runs marked xfail (a core fix pending) skip shrinking unless
-``RRP_SHRINK=1``, so that a failing run costs seconds, not minutes; set it to get the minimal step trace.
+``HYPOTHESIS_PROFILE=soak`` 10,000 (100,000). Runs skip shrinking unless ``RRP_SHRINK=1``, so that a failing
+run costs seconds, not minutes; set it to get the minimal step trace.
 """
 
 from __future__ import annotations
@@ -1082,28 +1082,8 @@ class ResetMachine(RuleBasedStateMachine):
 
 
 # One run per quirk (and one with none): each quirk is on in every example of its run; the unconfirmed behaviours
-# are also drawn per example in every run. Quirk runs that fail on today's core are xfail(strict=False) until the
-# core fixes of issue 9 land; their shrunk failures are in the report of the change that added them.
-def _core_fix_pending(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=False, reason=f"core fix pending: {reason}")
-
-
-# Quirk runs that still find failures on the core (issue 9, open): non-strict xfails, so a run that happens to
-# pass shows as XPASS. The shrunk traces are in the issue's note; RRP_SHRINK=1 shrinks a failing run again.
-_PENDING: dict[str, str] = {
-    "null_errors": "an error with null code and event_id is attributed by order to the wrong command (a delete "
-    "reported failed, an error held back or shown)",
-    "no_cancel": "a refused cancel's error with null ids is attributed by order to a delete",
-    "replace_response": "a reset may still be running after everything was delivered",
-    "ignore_out_of_band": "kept/deleted item lists miss an out-of-band item the server put in the conversation",
-    "vad_interrupt": "sometimes: a not-active answer is attributed to the wrong cancel",
-    "idle_timeout": "sometimes (random search): a reset-invariant failure, not shrunk yet",
-    "no_item_done_after_delete": "deleted_item_ids misses an item a delete removed",
-}
-RUNS = [
-    pytest.param(quirk, marks=[_core_fix_pending(_PENDING[quirk])] if quirk in _PENDING else [], id=quirk or "no_quirk")
-    for quirk in ("", *QUIRKS)
-]
+# are also drawn per example in every run. Every run must pass (issue 9: the quirk runs once marked pending pass).
+RUNS = [pytest.param(quirk, id=quirk or "no_quirk") for quirk in ("", *QUIRKS)]
 
 
 QUIRK_HITS: Counter[str] = Counter()  # this run's: how often each quirk changed what the server did
