@@ -10,9 +10,10 @@ Done means: every command this reset sent was answered (ack or error), no item i
 committed audio item, or a client create or commit sent before the reset), no response that can add items
 runs, and the conversation holds nothing but kept items (and items whose delete failed for a reason other
 than "does not exist", reported as failed). A response whose cancel the server refused (it cannot cancel)
-does not hold the deletes back: its items are deleted as they appear, and the reset ends when it ends. The
-reset never decides what an upstream event means — the session does that and tells the reset through the
-conversation model and `answered`.
+does not hold the deletes back: its items are deleted as they appear, and the reset ends when it ends. A
+response an earlier reset already waited for in vain until its timeout (*stale*: replaced unseen, or never
+ending) is cancelled again but not waited for at all. The reset never decides what an upstream event means —
+the session does that and tells the reset through the conversation model and `answered`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Reset:
     outstanding: set[str] = field(default_factory=set)  # event ids of our commands not answered yet
     cancelled_responses: set[str] = field(default_factory=set)
     refused: set[str] = field(default_factory=set)  # responses whose cancel the server refused
+    stale: set[str] = field(default_factory=set)  # responses an earlier reset waited for until it timed out
     attempted: set[str] = field(default_factory=set)  # item ids a delete was sent for
     deleted: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -105,7 +107,9 @@ class Reset:
             self.waiting.discard(item_id)
             self.attempted.add(item_id)
             send("delete", item_id)
-        if self.outstanding or self.waiting or conv.items_on_their_way or conv.conversation_responses():
+        if self.outstanding or self.waiting or conv.items_on_their_way:
+            return False
+        if any(r not in self.stale for r in conv.conversation_responses()):
             return False
         failed = set(self.failed)
         return all(i in self.keep or i in failed for i in conv.item_ids)
@@ -114,6 +118,8 @@ class Reset:
         """What the reset still waits for, in words (for a timeout's message)."""
         parts: list[str] = []
         for rid in conv.conversation_responses():
+            if rid in self.stale:
+                continue
             why = " (the server refused to cancel it)" if rid in self.refused else ""
             parts.append(f"the response {rid}{why}")
         if conv.response_requested:

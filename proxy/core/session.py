@@ -22,8 +22,9 @@ Rules:
 - Nothing waits without a deadline. A reset waits only for what was sent or announced less than
   `reset_timeout` ago; older entries are forgotten, and :attr:`Session.deadline` is the earliest moment one
   ages out. A reset that times out forgets the commands it waited for, so the next one starts as on a fresh
-  connection holding the same items; a response still running is the exception (only its end shows it is
-  over): the next reset cancels it again, and deletes alongside instead of waiting for it first.
+  connection holding the same items; a response it waited for in vain is cancelled again by the next reset,
+  which deletes alongside and does not wait for it (it may be over unseen, or run on: its later items, if any,
+  are the next reset's to delete).
 - Evidence beats intent: a `response.done` ends its response whatever its status; a new conversation
   response ends the one before it. A cancelled `response.done` is credited to the first cancel sent that names
   it (a client's id-less cancel: any response not known to be out of band), unless its reason shows it was not
@@ -471,6 +472,7 @@ class Session:
             deadline=now + self.config.reset_timeout,
         )
         self.reset.refused.update(self._unstoppable)
+        self.reset.stale.update(self._unstoppable)
         self._advance()
 
     def _invalid(self, exc: InvalidSyntheticEvent, event: Event) -> None:
@@ -647,8 +649,8 @@ class Session:
                 for entry in self._cancel_fifo:
                     if entry.event_id == event_id:
                         entry.settled = True
-        # A response still running is not stale (only its end, or a replacement, shows it is over): the next
-        # reset cancels it again, but deletes alongside instead of holding back for it.
+        # A response still running may be over unseen (replaced without a response.done, where no kind was
+        # reported) or may run on: the next reset cancels it again, deletes alongside and does not wait for it.
         self._unstoppable.update(self.conversation.conversation_responses())
 
     # --- upstream → client --------------------------------------------------------------------------

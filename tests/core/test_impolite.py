@@ -153,6 +153,33 @@ def test_a_replaced_response_of_unknown_kind_ends_when_a_requested_one_starts() 
     assert reset_completed(down)["response_cancelled"] is True
 
 
+def test_a_response_replaced_unseen_holds_one_reset_until_its_timeout_and_the_next_not_at_all() -> None:
+    """No conversation_id, and the replacement started by the server itself (no request to pair it with): the
+    core cannot tell the old response is over. The reset that waits for it times out; the next one does not wait
+    for it (it cancels it again, if asked) and completes at once."""
+    p = Play(reset_timeout=10.0)
+    p.client({"type": "response.create", "event_id": "c1"})
+    p.upstream({"type": "response.created", "response": {"id": "r1", "status": "in_progress"}})
+    p.upstream({"type": "response.created", "response": {"id": "r2", "status": "in_progress"}})  # server VAD's
+    p.upstream({"type": "response.done", "response": {"id": "r2", "status": "completed"}})
+    up, down = p.client(
+        {"type": "session.reset", "event_id": "x1", "cancel_response": False, "clear_input_audio": False}
+    )
+    assert up == [] and down == []
+    p.clock.now += 10.0
+    p.session.handle_timeout()
+    _, down = p.take()
+    assert down[0]["error"]["code"] == "session_reset_timeout" and "the response r1" in down[0]["error"]["message"]
+    up, down = p.client(
+        {"type": "session.reset", "event_id": "x2", "cancel_response": False, "clear_input_audio": False}
+    )
+    assert up == [] and reset_completed(down)["reset_event_id"] == "x2"
+    up, _ = p.client({"type": "session.reset", "event_id": "x3", "clear_input_audio": False})
+    assert [(e["type"], e["response_id"]) for e in up] == [("response.cancel", "r1")]
+    _, down = p.error("response_cancel_not_active", NULL, "Cancellation failed: no active response found with id 'r1'.")
+    assert reset_completed(down)["reset_event_id"] == "x3"
+
+
 def test_a_replacement_settles_our_cancel_for_the_replaced_response() -> None:
     """Our cancel for r1 is settled when r2 replaces r1: the reset then cancels r2 and does not wait for r1."""
     p = Play()

@@ -181,6 +181,7 @@ class ResetRecord:
     outcome: Literal["completed", "timed_out", "invalid"] | None = None
     completed: Event | None = None
     completion_tick: int = -1
+    completed_at: float = 0.0  # the core's clock when it completed
     known_at_completion: frozenset[str] = frozenset()  # the items the core knew when it completed the reset
     sent_tick: int = -1
     timeouts_before: int = 0
@@ -511,6 +512,7 @@ class ResetMachine(RuleBasedStateMachine):
         record.outcome = "completed"
         record.completed = event
         record.completion_tick = self.tick
+        record.completed_at = self.clock.now
         record.known_at_completion = frozenset(self.core.conversation.item_ids)
         record.timeouts_before = self.timeouts
 
@@ -618,9 +620,9 @@ class ResetMachine(RuleBasedStateMachine):
             return True  # a late auto-response may start after the reset: checked once all is quiet (_check_late)
         origin = item.origin
         if isinstance(origin, UpFrame):
-            aged = origin.at <= record.started_at - TIMEOUT
+            aged = origin.at <= record.completed_at - TIMEOUT
             if origin.sent is not None and aged and item.id not in record.known_at_completion:
-                # Unanswered for longer than the reset timeout when the reset began: the core stopped waiting
+                # Unanswered for longer than the reset timeout when the reset completed: the core stopped waiting
                 # for it by design (nothing waits without a deadline); the server answering later is its loss.
                 tally("item of a command older than the timeout outlived a reset")
                 return True
@@ -710,6 +712,9 @@ class ResetMachine(RuleBasedStateMachine):
             # A response.created without conversation_id leaves the core no way to tell an out-of-band response from
             # one in the conversation: waiting for it to end (its events settle its kind) is not waiting for nothing.
             self.broken = False
+            return
+        if self._waits_for_a_replaced_response_of_unknown_kind():
+            self.broken = False  # it waits until its deadline, which is not waiting for nothing (see _drain)
             return
         assert running is None, f"a reset is stuck with nothing in flight: {self.open_resets[0].sent.event}"
         assert self.core.held_count == 0
@@ -1006,6 +1011,13 @@ class ResetMachine(RuleBasedStateMachine):
         """Everything in flight is delivered and every response finishes; then nothing may be left waiting."""
         self._drain()
 
+    def _waits_for_a_replaced_response_of_unknown_kind(self) -> bool:
+        reset = self.core.reset
+        if reset is None or not {"replace_response", "response_without_conversation_id"} <= self.model.quirks:
+            return False
+        waited = [r for r in self.core.conversation.conversation_responses() if r not in reset.stale]
+        return bool(waited) and not any(r in self.model.responses for r in waited)
+
     def _drain(self) -> None:
         for _ in range(10_000):
             if self.wire:
@@ -1018,6 +1030,12 @@ class ResetMachine(RuleBasedStateMachine):
                 self._check_quiet_reset()
                 response_id = next(iter(self.model.responses))
                 self.model.server_response_step(response_id, ServerAction("response", self.tick), add_item=False)
+            elif self._waits_for_a_replaced_response_of_unknown_kind():
+                # Replaced without a response.done, and no conversation_id to say the replacement was in the
+                # conversation: the core cannot know it is over, and waits for it until the deadline (the next
+                # reset does not wait for it at all).
+                tally("reset waited out a replaced response of unknown kind")
+                self.time_passes(max(0.0, (self.core.deadline or self.clock.now) - self.clock.now))
             else:
                 break
         assert self.core.reset is None, "a reset is still running after everything was delivered"
