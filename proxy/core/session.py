@@ -280,15 +280,14 @@ class Session:
         self._client_delete_ids: dict[str, tuple[str, float, int]] = {}  # client event id → (item id, sent at, order)
         self._client_delete_sent: dict[str, float] = {}  # item id → when its newest client delete was sent
         self._client_clears: deque[tuple[str, float]] = deque()  # (client event id, sent at) not answered yet
-        cfg = self.config
-        self._client_interesting = (
-            _CLIENT_INTERESTING | cfg.reset_types | cfg.checkpoint_types | cfg.usage_types | cfg.policy_types
-        )
+        self._client_interesting = _CLIENT_INTERESTING | self.config.reset_types | self.config.checkpoint_types
         # After a reset: no client response.create, commit or new speech since (a response now is a late one).
         self._quiet_since_reset = False
         self._doomed: set[str] = set()  # late responses: cancelled, their items deleted as they appear
         self._unstoppable: set[str] = set()  # responses a timed-out reset could not stop
         self._doomed_items: dict[str, None] = {}
+        # Tasks (usage.py, policy.py): the usage sums, the auto-reset policy, and its two synthetic events.
+        self._client_interesting |= self.config.usage_types | self.config.policy_types
         self.usage = UsageBook()
         self.policy = self.config.policy
         self._auto: tuple[int, AutoReason] | None = None  # the running reset's seq, if the policy started it

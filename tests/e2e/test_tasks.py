@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import aiohttp
+import pytest
 
 from proxy.simulator import SimSession
 from tests.e2e.conftest import Client, Event, StackFactory, item_event
@@ -48,11 +49,16 @@ async def turn(client: Client, text: str) -> Event:
     return await client.until("response.done")
 
 
-async def test_after_response_resets_each_task_and_its_usage_is_the_simulators(make_stack: StackFactory) -> None:
+@pytest.mark.parametrize("generation", ["ga", "beta"])
+async def test_after_response_resets_each_task_and_its_usage_is_the_simulators(
+    make_stack: StackFactory, generation: str
+) -> None:
     """[reset] after = "response": every response ends a task; each completed's usage is exactly what the
-    simulator reported for that task, and the simulator's conversation is empty after each."""
+    simulator reported for that task (either protocol generation), and the simulator's conversation is empty."""
     stack = await make_stack(reset={"after": "response"})
-    client, upstream = await stack.client()
+    headers = {"OpenAI-Beta": "realtime=v1"} if generation == "beta" else {}
+    client, upstream = await stack.client(additional_headers=headers)
+    assert upstream.generation == generation
     for n in range(3):
         start = len(upstream.sent)
         await turn(client, f"task {n}")
@@ -67,7 +73,7 @@ async def test_after_response_resets_each_task_and_its_usage_is_the_simulators(m
     assert result["connection_usage"] == sim_usage(upstream)
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{stack.proxy.port}/metrics") as r:
         body = await r.text()
-    assert "realtime_proxy_task_input_tokens_count 3.0" in body
+    assert "realtime_proxy_task_input_tokens_count 3.0" in body  # one proxy per test: these are this test's
     assert "realtime_proxy_task_input_tokens_sum 30.0" in body
 
 
