@@ -728,20 +728,25 @@ class Session:
             self._auto = (self._seq + 1, auto.reason)  # set first: the reset may complete at once
             self._begin_reset(auto.request, auto.keep)
 
+    def _auto_reason(self, reset: Reset) -> AutoReason | None:
+        """Why the policy started `reset`; None when the client asked for it."""
+        return self._auto[1] if self._auto is not None and self._auto[0] == reset.seq else None
+
     def _task_fields(self, reset: Reset) -> Event:
         """What a reset's end tells the client about the task it ends: its usage, and whether it was automatic."""
-        fields: Event = {"usage": self.usage.task.as_event(), "auto": False}
-        if self._auto is not None and self._auto[0] == reset.seq:
-            fields.update(auto=True, auto_reason=self._auto[1])
+        reason = self._auto_reason(reset)
+        fields: Event = {"usage": self.usage.task.as_event(), "auto": reason is not None}
+        if reason is not None:
+            fields["auto_reason"] = reason
         return fields
 
     def _end_task(self, reset: Reset) -> bool:
         """A reset ended: the task's usage starts afresh. True when the reset was a trim (max_items)."""
         ended = self.usage.end_task()
-        auto = self._auto if self._auto is not None and self._auto[0] == reset.seq else None
+        reason = self._auto_reason(reset)
         self._auto = None
-        self.notices.append(TaskEnded(ended.responses, ended.input_tokens, ended.output_tokens, auto is not None))
-        return auto is not None and auto[1] == "max_items"
+        self.notices.append(TaskEnded(ended.responses, ended.input_tokens, ended.output_tokens, reason is not None))
+        return reason == "max_items"
 
     # --- upstream → client --------------------------------------------------------------------------
 
