@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.simulator import SimSession
+from proxy.simulator import SimSession, SimulatorConfig
 from tests.e2e.conftest import Client, Event, StackFactory, item_event
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +122,8 @@ async def test_max_items_keeps_a_sliding_window_after_the_checkpoint(make_stack:
 async def test_a_response_cancelled_by_a_client_reset_under_a_policy_ends_one_task(make_stack: StackFactory) -> None:
     """Policy after = "response", a response streaming, the client's own reset cancels it: one completed, the
     client's, counting the cancelled response as the simulator reported it; no auto-reset follows."""
-    stack = await make_stack(reset={"after": "response"})
+    # Slow deltas (a second per response): the reset surely lands while the response streams, however busy the box.
+    stack = await make_stack(sim=SimulatorConfig(delta_count=20, delta_interval_s=0.05), reset={"after": "response"})
     client, upstream = await stack.client()
     await client.send(item_event("long task"))
     await client.send({"type": "response.create"})
@@ -144,7 +145,9 @@ async def test_a_client_reset_racing_the_policys_own_ends_every_task_once(make_s
     """The client sends session.reset while its response is about to end, at varying moments: whichever reset
     runs first, each response is counted in exactly one completed, the client's reset is answered once, and
     the simulator ends up empty."""
-    stack = await make_stack(reset={"after": "response"})
+    # 20 ms between deltas: a reset sent before the first surely beats the response's end; one sent on the last
+    # delta surely comes after the done, which follows that delta at once.
+    stack = await make_stack(sim=SimulatorConfig(delta_interval_s=0.02), reset={"after": "response"})
     orders = set()
     for deltas in range(6):
         client, upstream = await stack.client()
