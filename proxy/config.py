@@ -19,7 +19,8 @@ from typing import Any, Literal, get_args, get_type_hints
 from yarl import URL
 
 from proxy.core.errors import ConfigError
-from proxy.core.events import CHECKPOINT_TYPES, RESET_TYPES
+from proxy.core.events import CHECKPOINT_TYPES, POLICY_TYPES, RESET_TYPES, USAGE_TYPES, AutoAfter, ResetTarget
+from proxy.core.policy import Policy
 from proxy.core.session import SessionConfig
 
 # Real client events (both generations): a synthetic type must never shadow one.
@@ -116,6 +117,13 @@ class ResetConfig:
     checkpoint_event_types: tuple[str, ...] = CHECKPOINT_TYPES
     timeout_seconds: float = 10.0
     forward_internal_events: bool = False
+    usage_event_types: tuple[str, ...] = USAGE_TYPES
+    policy_event_types: tuple[str, ...] = POLICY_TYPES
+    # The auto-reset policy every connection starts with (a `session.reset.policy` event changes its own).
+    after: AutoAfter = "never"
+    to: ResetTarget = "empty"
+    max_input_tokens: int = 0
+    max_items: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +157,14 @@ class Config:
             forward_internal_events=self.reset.forward_internal_events,
             max_held_events=self.limits.max_held_events,
             max_held_bytes=self.limits.max_held_bytes,
+            usage_types=frozenset(self.reset.usage_event_types),
+            policy_types=frozenset(self.reset.policy_event_types),
+            policy=Policy(
+                after=self.reset.after,
+                to=self.reset.to,
+                max_input_tokens=self.reset.max_input_tokens,
+                max_items=self.reset.max_items,
+            ),
         )
 
 
@@ -261,18 +277,25 @@ def _validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(key, f"must be greater than 0, not {value!r}")
+    for key in ("reset.max_input_tokens", "reset.max_items"):
+        if getattr(config.reset, key.removeprefix("reset.")) < 0:
+            raise ConfigError(key, "must be 0 (off) or more")
     if not config.reset.event_types:
         raise ConfigError("reset.event_types", "must name at least one event type")
-    for key, types in (
-        ("reset.event_types", config.reset.event_types),
-        ("reset.checkpoint_event_types", config.reset.checkpoint_event_types),
-    ):
+    synthetic = (
+        ("reset.event_types", "a reset", config.reset.event_types),
+        ("reset.checkpoint_event_types", "a checkpoint", config.reset.checkpoint_event_types),
+        ("reset.usage_event_types", "a usage", config.reset.usage_event_types),
+        ("reset.policy_event_types", "a policy", config.reset.policy_event_types),
+    )
+    for i, (key, _, types) in enumerate(synthetic):
         clash = sorted(set(types) & REAL_CLIENT_EVENTS)
         if clash:
             raise ConfigError(key, f"{clash} is a Realtime API client event: the proxy would swallow it")
-    overlap = set(config.reset.event_types) & set(config.reset.checkpoint_event_types)
-    if overlap:
-        raise ConfigError("reset.checkpoint_event_types", f"{sorted(overlap)} is also a reset event type")
+        for _, what, earlier in synthetic[:i]:
+            overlap = set(types) & set(earlier)
+            if overlap:
+                raise ConfigError(key, f"{sorted(overlap)} is also {what} event type")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

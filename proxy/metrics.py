@@ -133,6 +133,12 @@ class Metrics(Collector):
         )
         for kind in ("input", "cached", "output"):
             self.tokens.labels(kind)
+        self.task_input_tokens = Histogram(
+            f"{PREFIX}_task_input_tokens",
+            "Input tokens per task: summed over the responses between two resets, read when the reset ends.",
+            buckets=(100, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000),
+            registry=r,
+        )
         self.connections_total = 0
         self._closed: Counts = [0, 0, 0, 0, 0]  # what the closed connections counted
         # Open connections, each with what of its counts is already in the shared files (zeros when not shared).

@@ -32,6 +32,7 @@ from proxy.core.session import (
     ResetFinished,
     Session,
     SessionConfig,
+    TaskEnded,
     UpstreamSession,
     Usage,
 )
@@ -275,6 +276,16 @@ class Relay:
                     items_deleted=notice.deleted,
                     items_failed=notice.failed,
                     response_cancelled=notice.cancelled_response,
+                )
+            elif isinstance(notice, TaskEnded):
+                if metrics is not None:
+                    metrics.task_input_tokens.observe(notice.input_tokens)
+                self.log.info(
+                    "task_usage",
+                    responses=notice.responses,
+                    input_tokens=notice.input_tokens,
+                    output_tokens=notice.output_tokens,
+                    auto=notice.auto,
                 )
             elif isinstance(notice, LateResponse):
                 self.log.info("late_response_cancelled", response_id=notice.response_id)

@@ -11,6 +11,7 @@ import pytest
 
 from proxy.config import Config, config_from_dict, load_config
 from proxy.core.errors import ConfigError
+from proxy.core.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -105,6 +106,17 @@ BAD_FILES: list[tuple[str, str, str]] = [
         '[reset]\nevent_types = ["x"]\ncheckpoint_event_types = ["x"]\n',
         "reset.checkpoint_event_types",
     ),
+    (
+        "policy-type-is-usage-type",
+        '[reset]\nusage_event_types = ["x"]\npolicy_event_types = ["x"]\n',
+        "reset.policy_event_types",
+    ),
+    ("usage-type-is-reset-type", '[reset]\nusage_event_types = ["session.reset"]\n', "reset.usage_event_types"),
+    ("after-unknown", '[reset]\nafter = "always"\n', "reset.after"),
+    ("to-unknown", '[reset]\nto = "start"\n', "reset.to"),
+    ("max-input-tokens-negative", "[reset]\nmax_input_tokens = -1\n", "reset.max_input_tokens"),
+    ("max-items-float", "[reset]\nmax_items = 2.5\n", "reset.max_items"),
+    ("max-items-negative", "[reset]\nmax_items = -3\n", "reset.max_items"),
     ("level-unknown", '[logging]\nlevel = "verbose"\n', "logging.level"),
     ("format-unknown", '[logging]\nformat = "xml"\n', "logging.format"),
     ("port-too-big", "[listen]\nport = 65536\n", "listen.port"),
@@ -196,12 +208,19 @@ def test_empty_listen_host_names_the_key() -> None:
     assert info.value.key == "listen.host"
 
 
-@pytest.mark.parametrize("key", ["event_types", "checkpoint_event_types"])
+@pytest.mark.parametrize("key", ["event_types", "checkpoint_event_types", "usage_event_types", "policy_event_types"])
 def test_synthetic_types_may_not_shadow_real_client_events(key: str) -> None:
     """A synthetic event type that is a real API client event (response.create) is refused, naming the key."""
     with pytest.raises(ConfigError) as info:
         config_from_dict({"reset": {key: ["response.create"]}})
     assert info.value.key == f"reset.{key}" and "response.create" in str(info.value)
+
+
+def test_the_reset_policy_keys_become_every_connections_policy() -> None:
+    """[reset] after/to/max_input_tokens/max_items are the policy each session starts with."""
+    keys = {"after": "response", "to": "checkpoint", "max_input_tokens": 9, "max_items": 4}
+    assert config_from_dict({"reset": keys}).session_config().policy == Policy(**keys)
+    assert Config().session_config().policy == Policy()
 
 
 def test_tls_needs_both_files_and_existing_ones(tmp_path: Path) -> None:

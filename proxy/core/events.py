@@ -45,8 +45,12 @@ ITEM_CREATE = "conversation.item.create"
 # --- synthetic events (defaults; the type names are configurable) -----------------------------------
 RESET_TYPES = ("session.reset", "conversation.delete.all")
 CHECKPOINT_TYPES = ("session.checkpoint",)
+USAGE_TYPES = ("session.usage",)
+POLICY_TYPES = ("session.reset.policy",)
 RESET_COMPLETED = "session.reset.completed"
 CHECKPOINT_CREATED = "session.checkpoint.created"
+USAGE_RESULT = "session.usage.result"
+POLICY_UPDATED = "session.reset.policy.updated"
 
 # --- error codes ----------------------------------------------------------------------------------
 CODE_UNKNOWN_ITEM = "item_delete_invalid_item_id"
@@ -150,8 +154,10 @@ def str_or_none(value: object) -> str | None:
 # --- synthetic event requests ---------------------------------------------------------------------
 
 ResetTarget = Literal["empty", "checkpoint"]
+AutoAfter = Literal["never", "response"]
 _RESET_FIELDS = frozenset({"type", "event_id", "keep_item_ids", "to", "cancel_response", "clear_input_audio"})
 _CHECKPOINT_FIELDS = frozenset({"type", "event_id"})
+_POLICY_FIELDS = frozenset({"type", "event_id", "after", "to", "max_input_tokens", "max_items"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +224,52 @@ def parse_checkpoint(event: Event) -> CheckpointRequest:
     event_id = _event_id(event)
     _check_fields(event, _CHECKPOINT_FIELDS, "a session checkpoint")
     return CheckpointRequest(event_id=event_id)
+
+
+def parse_usage(event: Event) -> str | None:
+    """Validate `session.usage` (a type and an optional event_id, like a checkpoint); returns its event_id."""
+    event_id = _event_id(event)
+    _check_fields(event, _CHECKPOINT_FIELDS, "a session usage request")
+    return event_id
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRequest:
+    """A `session.reset.policy`: the fields it sets (None: left as they are)."""
+
+    event_id: str | None
+    after: AutoAfter | None = None
+    to: ResetTarget | None = None
+    max_input_tokens: int | None = None
+    max_items: int | None = None
+
+
+def _limit(event: Event, key: str) -> int | None:
+    value = event.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise_invalid(key, f"{key} must be a whole number, 0 or more (0: off)")
+    return int(value)
+
+
+def parse_policy(event: Event) -> PolicyRequest:
+    """Validate a policy event; raises :class:`InvalidSyntheticEvent` naming the bad param."""
+    event_id = _event_id(event)
+    _check_fields(event, _POLICY_FIELDS, "a session reset policy")
+    after = event.get("after")
+    if after not in (None, "never", "response"):
+        raise_invalid("after", 'after must be "never" or "response"')
+    to = event.get("to")
+    if to not in (None, "empty", "checkpoint"):
+        raise_invalid("to", 'to must be "empty" or "checkpoint"')
+    return PolicyRequest(
+        event_id=event_id,
+        after=after,
+        to=to,
+        max_input_tokens=_limit(event, "max_input_tokens"),
+        max_items=_limit(event, "max_items"),
+    )
 
 
 # --- builders ---------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class Command:
 class Reset:
     seq: int
     request: ResetRequest
-    keep: frozenset[str]
+    keep: Container[str]  # a set of ids, or every id but some (an auto-reset's trim: policy.AllBut)
     started_at: float
     deadline: float
     phase: Phase = Phase.QUIETING

@@ -32,6 +32,9 @@ Rules:
 - Late responses: after a reset, a conversation response that starts with no client `response.create`, no
   commit and no new speech since (an auto-response for input the reset removed) is cancelled, and its items
   are deleted as they appear.
+- Tasks and auto-resets (usage.py, policy.py): every `response.done`'s usage is summed for the task the next
+  reset ends, and reported in its `session.reset.completed`; after a `response.done` that arrived with no reset
+  running, the policy may start one, through the same path as a client's `session.reset`.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.core.conversation import Conversation, Kind, names_item_create
@@ -68,6 +71,8 @@ from proxy.core.events import (
     ITEM_DELETED,
     ITEM_EVENTS,
     OUTPUT_ITEM_ADDED,
+    POLICY_TYPES,
+    POLICY_UPDATED,
     RESET_COMPLETED,
     RESET_TYPES,
     RESPONSE_CANCEL,
@@ -78,7 +83,10 @@ from proxy.core.events import (
     SPEECH_STARTED,
     SPEECH_STOPPED,
     TIMEOUT_TRIGGERED,
+    USAGE_RESULT,
+    USAGE_TYPES,
     Event,
+    ResetRequest,
     cancel_event,
     clear_event,
     decode,
@@ -86,11 +94,15 @@ from proxy.core.events import (
     encode,
     error_event,
     parse_checkpoint,
+    parse_policy,
     parse_reset,
+    parse_usage,
     sniff_type,
     str_or_none,
 )
+from proxy.core.policy import AutoReason, Policy, decide
 from proxy.core.reset import Command, Reset
+from proxy.core.usage import UsageBook, read_usage
 
 
 class Binary(bytes):
@@ -179,6 +191,9 @@ class SessionConfig:
     forward_internal_events: bool = False
     max_held_events: int = 10_000
     max_held_bytes: int = 256 * 1024 * 1024
+    usage_types: frozenset[str] = frozenset(USAGE_TYPES)
+    policy_types: frozenset[str] = frozenset(POLICY_TYPES)
+    policy: Policy = field(default_factory=Policy)  # each connection's auto-reset policy until it sends its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,11 +237,17 @@ class LateResponse:
     response_id: str
 
 
-Notice = ResetFinished | EventsRejected | Usage | UpstreamSession | LateResponse
+@dataclass(frozen=True, slots=True)
+class TaskEnded:
+    """A notice: a reset ended a task (completed or timed out); what its responses cost."""
+
+    responses: int
+    input_tokens: int
+    output_tokens: int
+    auto: bool
 
 
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+Notice = ResetFinished | EventsRejected | Usage | UpstreamSession | LateResponse | TaskEnded
 
 
 def _cancel_reason(response: Event) -> str | None:
@@ -279,6 +300,11 @@ class Session:
         self._doomed: set[str] = set()  # late responses: cancelled, their items deleted as they appear
         self._unstoppable: set[str] = set()  # responses a timed-out reset could not stop
         self._doomed_items: dict[str, None] = {}
+        # Tasks (usage.py, policy.py): the usage sums, the auto-reset policy, and its two synthetic events.
+        self._client_interesting |= self.config.usage_types | self.config.policy_types
+        self.usage = UsageBook()
+        self.policy = self.config.policy
+        self._auto: tuple[int, AutoReason] | None = None  # the running reset's seq, if the policy started it
 
     # --- output -----------------------------------------------------------------------------------
 
@@ -397,6 +423,9 @@ class Session:
         if etype in self.config.checkpoint_types:
             self._make_checkpoint(event)
             return
+        if etype in self.config.usage_types or etype in self.config.policy_types:
+            self._tasks_event(etype, event)
+            return
         if etype in _CLIENT_INTERESTING:
             data = self._track_client_command(etype, event, data)
         self._to_upstream.append(data)
@@ -461,13 +490,17 @@ class Session:
         keep = set(request.keep_item_ids)
         if request.to == "checkpoint" and self.checkpoint is not None:
             keep.update(self.checkpoint)
+        self._begin_reset(request, frozenset(keep))
+
+    def _begin_reset(self, request: ResetRequest, keep: Container[str]) -> None:
+        """Start a reset: a client's, or one the policy asked for (the same path either way)."""
         now = self._clock()
         self._prune(now)
         self._seq += 1
         self.reset = Reset(
             seq=self._seq,
             request=request,
-            keep=frozenset(keep),
+            keep=keep,
             started_at=now,
             deadline=now + self.config.reset_timeout,
         )
@@ -593,6 +626,7 @@ class Session:
                     "failed_item_ids": reset.failed,
                     "response_cancelled": reset.response_cancelled,
                     "duration_ms": round((self._clock() - reset.started_at) * 1000.0, 3),
+                    **self._task_fields(reset),
                 }
             )
         )
@@ -603,9 +637,11 @@ class Session:
         self.notices.append(
             ResetFinished(outcome, duration_ms, len(reset.deleted), len(reset.failed), reset.response_cancelled)
         )
+        trimmed = self._end_task(reset)
         self.reset = None
         self._refusing = False
-        self._quiet_since_reset = True
+        # After a trim the input a response may still be on its way for is there: a response then is no late one.
+        self._quiet_since_reset = not trimmed
         self._release()
 
     def handle_timeout(self) -> None:
@@ -626,7 +662,7 @@ class Session:
             f"{reset.awaiting(self.conversation)}; held events are released",
             None,
             reset.request.event_id,
-            {"reset_event_id": reset.request.event_id, "deleted_item_ids": reset.deleted},
+            {"reset_event_id": reset.request.event_id, "deleted_item_ids": reset.deleted, **self._task_fields(reset)},
         )
         self._forget(reset)
         self._prune(now)
@@ -653,6 +689,81 @@ class Session:
         # reported) or may run on: the next reset cancels it again, deletes alongside and does not wait for it.
         self._unstoppable.update(self.conversation.conversation_responses())
 
+    # --- tasks: usage per task and auto-resets (usage.py, policy.py) --------------------------------
+
+    def _tasks_event(self, etype: str, event: Event) -> None:
+        """`session.usage` (the running sums, nothing reset) or `session.reset.policy` (the policy in force)."""
+        reply: Event
+        try:
+            if etype in self.config.usage_types:
+                reply = {
+                    "type": USAGE_RESULT,
+                    "event_id": self._new_id(),
+                    "usage_event_id": parse_usage(event),
+                    "usage": self.usage.task.as_event(),
+                    "connection_usage": self.usage.connection.as_event(),
+                }
+            else:
+                request = parse_policy(event)
+                self.policy = self.policy.updated(request)
+                reply = {
+                    "type": POLICY_UPDATED,
+                    "event_id": self._new_id(),
+                    "policy_event_id": request.event_id,
+                    "policy": self.policy.as_event(),
+                }
+        except InvalidSyntheticEvent as exc:
+            self._invalid(exc, event)
+            return
+        self._to_client.append(encode(reply))
+
+    def _auto_reset_kind(self, event: Event) -> bool | None:
+        """A `response.done` with no reset running: whether its response was in the conversation (read before
+        the done is handled), or None when the policy has no say (no id; a late response we cancelled)."""
+        response = event.get("response")
+        rid = str_or_none(response.get("id")) if isinstance(response, dict) else None
+        if rid is None or rid in self._doomed:
+            return None
+        return self.conversation.active_responses.get(rid) is Kind.CONVERSATION
+
+    def _auto_reset(self, event: Event, *, in_conversation: bool) -> None:
+        """After a `response.done` (already forwarded): start the reset the policy calls for, if any."""
+        used = read_usage(event["response"].get("usage"))
+        try:
+            auto = decide(
+                self.policy,
+                in_conversation=in_conversation,
+                input_tokens=used.input_tokens if used is not None else 0,
+                item_ids=self.conversation.item_ids,
+                checkpoint=self.checkpoint,
+            )
+        except InvalidSyntheticEvent as exc:
+            self._client_error("invalid_request_error", CODE_INVALID_RESET, exc.message, exc.param, None)
+            return
+        if auto is not None:
+            self._auto = (self._seq + 1, auto.reason)  # set first: the reset may complete at once
+            self._begin_reset(auto.request, auto.keep)
+
+    def _auto_reason(self, reset: Reset) -> AutoReason | None:
+        """Why the policy started `reset`; None when the client asked for it."""
+        return self._auto[1] if self._auto is not None and self._auto[0] == reset.seq else None
+
+    def _task_fields(self, reset: Reset) -> Event:
+        """What a reset's end tells the client about the task it ends: its usage, and whether it was automatic."""
+        reason = self._auto_reason(reset)
+        fields: Event = {"usage": self.usage.task.as_event(), "auto": reason is not None}
+        if reason is not None:
+            fields["auto_reason"] = reason
+        return fields
+
+    def _end_task(self, reset: Reset) -> bool:
+        """A reset ended: the task's usage starts afresh. True when the reset was a trim (max_items)."""
+        ended = self.usage.end_task()
+        reason = self._auto_reason(reset)
+        self._auto = None
+        self.notices.append(TaskEnded(ended.responses, ended.input_tokens, ended.output_tokens, reason is not None))
+        return reason == "max_items"
+
     # --- upstream → client --------------------------------------------------------------------------
 
     def upstream_frame(self, data: Frame) -> None:
@@ -669,6 +780,7 @@ class Session:
             self._to_client.append(data)
             return
         internal = False
+        auto = self._auto_reset_kind(event) if etype == RESPONSE_DONE and self.reset is None else None
         if etype == ITEM_DELETED:
             internal = self._on_item_deleted(event)
         elif etype == AUDIO_CLEARED:
@@ -699,6 +811,8 @@ class Session:
             self._to_client.append(data)
         if self.reset is not None:
             self._advance()
+        elif auto is not None:
+            self._auto_reset(event, in_conversation=auto)
 
     def _on_item_deleted(self, event: Event) -> bool:
         item_id = str_or_none(event.get("item_id"))
@@ -819,11 +933,10 @@ class Session:
         response = event.get("response")
         if not isinstance(response, dict):
             return
-        usage = response.get("usage")
-        if isinstance(usage, dict):
-            details = usage.get("input_token_details")
-            cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-            self.notices.append(Usage(_int(usage.get("input_tokens")), _int(cached), _int(usage.get("output_tokens"))))
+        used = read_usage(response.get("usage"))
+        self.usage.add(used)
+        if used is not None:
+            self.notices.append(Usage(used.input_tokens, used.cached_tokens, used.output_tokens))
         rid = str_or_none(response.get("id"))
         if rid is None:
             return

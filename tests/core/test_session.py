@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from proxy.core.conversation import Kind
-from proxy.core.session import Binary, Session
+from proxy.core.session import Binary, Session, TaskEnded
 from tests.core.playbook import Play, types
 
 # --- forwarding -------------------------------------------------------------------------------------
@@ -543,8 +543,9 @@ def test_notices_report_finished_resets() -> None:
     p.items("a")
     up, _ = p.client({"type": "session.reset"})
     p.ack_all(up)
-    (notice,) = p.session.take_notices()
+    notice, task = p.session.take_notices()  # the reset, then the task it ended (what it cost)
     assert notice.outcome == "completed" and notice.deleted == 1  # type: ignore[union-attr]
+    assert task == TaskEnded(responses=0, input_tokens=0, output_tokens=0, auto=False)
     assert p.session.take_notices() == []
 
 
