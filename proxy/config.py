@@ -19,8 +19,9 @@ from typing import Any, Literal, get_args, get_type_hints
 from yarl import URL
 
 from proxy.core.errors import ConfigError
-from proxy.core.events import CHECKPOINT_TYPES, RESET_TYPES
+from proxy.core.events import CHECKPOINT_TYPES, RESET_TYPES, ResetStrategy
 from proxy.core.session import SessionConfig
+from proxy.core.swap import SwapConfig
 
 # Real client events (both generations): a synthetic type must never shadow one.
 REAL_CLIENT_EVENTS = frozenset(
@@ -95,6 +96,8 @@ class UpstreamConfig:
     # Billing pins: sent upstream as OpenAI-Organization / OpenAI-Project when set, in place of the client's.
     organization: str = ""
     project: str = ""
+    max_session_seconds: float = 3300.0  # under OpenAI's 60-minute cap; 0: no cap
+    warn_before_seconds: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,7 @@ class ResetConfig:
     checkpoint_event_types: tuple[str, ...] = CHECKPOINT_TYPES
     timeout_seconds: float = 10.0
     forward_internal_events: bool = False
+    strategy: ResetStrategy = "delete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +153,13 @@ class Config:
             forward_internal_events=self.reset.forward_internal_events,
             max_held_events=self.limits.max_held_events,
             max_held_bytes=self.limits.max_held_bytes,
+        )
+
+    def swap_config(self) -> SwapConfig:
+        return SwapConfig(
+            strategy=self.reset.strategy,
+            max_session_seconds=self.upstream.max_session_seconds,
+            warn_before_seconds=self.upstream.warn_before_seconds,
         )
 
 
@@ -261,6 +272,12 @@ def _validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(key, f"must be greater than 0, not {value!r}")
+    for key, seconds in (
+        ("upstream.max_session_seconds", config.upstream.max_session_seconds),
+        ("upstream.warn_before_seconds", config.upstream.warn_before_seconds),
+    ):
+        if seconds < 0:
+            raise ConfigError(key, f"must be 0 or more, not {seconds!r}")
     if not config.reset.event_types:
         raise ConfigError("reset.event_types", "must name at least one event type")
     for key, types in (

@@ -35,6 +35,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("unknown-section", "[upstreams]\nurl = 'wss://x'\n", "upstreams"),
     ("wrong-type", '[reset]\ntimeout_seconds = "ten"\n', "reset.timeout_seconds"),
     ("out-of-range", "[listen]\nport = 70000\n", "listen.port"),
+    ("bad-strategy", '[reset]\nstrategy = "fast"\n', "reset.strategy"),
     ("bad-scheme", '[upstream]\nurl = "ftp://api.openai.com/v1/realtime"\n', "upstream.url"),
 ]
 
