@@ -202,6 +202,13 @@ def _reset_rows(rst: dict[str, Any]) -> list[Row]:
             f"{RESET_ITEMS:,}: ≤ {limit:.0f}",
             _ok(big, lambda x: x <= limit),
         ),
+        Row(
+            f"`session.reset` by swap to a warm spare, {counts} items (ms)",
+            "—",
+            cells(rst.get("swap_median_ms", {})) if rst.get("swap_median_ms") else "—",
+            "—",
+            "≤ 1 + own processing",
+        ),
         Row(f"Client deletes one at a time, {counts} items (ms)", cells(rst["client_delete_ms"])),
         Row(f"Client deletes all at once (floor), {counts} items (ms)", cells(rst["pipelined_delete_median_ms"])),
         Row("Reconnect, handshake through the delay (ms)", _num(reconnect, "{:.1f}")),
@@ -395,11 +402,12 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         items = rst["items"]
         series = [
             ("reset_median_ms", "o-", colors["proxy"], "session.reset through the proxy"),
+            ("swap_median_ms", "D-", "purple", "session.reset by swap"),
             ("pipelined_delete_median_ms", "^--", colors["nginx"], "client deletes all at once (floor)"),
             ("client_delete_ms", "s-", colors["direct"], "client deletes one at a time"),
         ]
         for key, style, color, label in series:
-            pts = [(n, rst[key].get(str(n))) for n in items]
+            pts = [(n, rst.get(key, {}).get(str(n))) for n in items]
             pts = [(n, v) for n, v in pts if v is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, color=color, label=label)
