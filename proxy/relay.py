@@ -124,7 +124,8 @@ class Spares:
         task.add_done_callback(self._tasks.discard)
 
     def dial(self) -> None:
-        self._spawn(self._dial_one(), "spare-dial")
+        if not self._closed:  # a spare lost while the connection ends is not replaced
+            self._spawn(self._dial_one(), "spare-dial")
 
     async def _dial_one(self) -> None:
         try:

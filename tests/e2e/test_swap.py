@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from proxy.core.swap import SpareState
 from proxy.relay import Relay
@@ -254,3 +255,18 @@ async def test_spares_of_an_injected_key_and_azure_are_dialed_like_the_first(
     await client.send({"type": "session.reset"})
     done = await client.until("session.reset.completed")
     assert done["strategy"] == "swap" and done["upstream_session_id"] == spare.id
+
+
+async def test_a_rollover_that_finds_no_upstream_passes_the_close_through(make_stack: StackFactory) -> None:
+    """The cap comes while every dial is refused: after a few tries the client gets the upstream's 1001 and reason."""
+    stack = await make_stack(sim=SimulatorConfig(session_max_s=0.3, session_expired_error=False))
+    client, first = await stack.client()
+    stack.sim.config.refuse_status = 429
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await client.recv()
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, first.model.close_request[1])
+    assert client.types() == ["session.created"] and len(stack.sim.sessions) == 1
+    # (Not `settled`: the refused dials' HTTP connections stay in aiohttp's keep-alive pool, a task each.)
+    await wait_for(lambda: not stack.proxy.state.sockets and not relays(), "the connection to end")
