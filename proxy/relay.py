@@ -309,13 +309,19 @@ class Relay:
     async def _upstream_reader(self, ws: Upstream) -> None:
         """The one reader of an upstream socket, primary or spare; any fault ends the relay with 1011."""
         try:
-            close = await self._read(ws)
-        except ConnectionError:
-            close = None
+            await self._follow(ws)
+        except ConnectionError:  # a write failed: the network went away, as a read would have said
+            if ws is self.upstream:
+                self._primary_ended.set()
         except Exception as exc:  # a fault of ours: the relay fails loudly
             self._reader_fault = exc
             self._primary_ended.set()
-            return
+
+    async def _follow(self, ws: Upstream) -> None:
+        try:
+            close = await self._read(ws)
+        except ConnectionError:
+            close = None
         if ws is self.upstream:
             if close is not None:
                 self._upstream_close = close

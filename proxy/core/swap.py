@@ -152,6 +152,8 @@ class Swapper:
     def handle_timeout(self) -> None:
         now = self._clock()
         cap = self.config.max_session_seconds
+        if not cap:
+            return  # called for the session's deadlines too: with no cap nothing here is ever due
         if not self._warned and now >= self._opened_at + cap - self.config.warn_before_seconds:
             self._warned = True
             left = max(0.0, self._opened_at + cap - now)

@@ -375,8 +375,13 @@ def test_session_expiring_is_sent_once_before_the_cap() -> None:
 
 def test_no_cap_no_deadline_no_rollover() -> None:
     """max_session_seconds = 0: nothing is timed, and the upstream's end passes through."""
-    play = SwapPlay("delete", cap=0.0)
+    play = SwapPlay("swap", cap=0.0)
     assert play.swapper.deadline is None
+    play.actions()
+    play.ready_spare()
+    play.clock.now += 10_000.0
+    play.swapper.handle_timeout()  # the relay calls it at the session's deadlines too
+    assert play.swapper.take_client() == [] and play.actions() == []
     _, down = play.error("session_expired")
     assert types(down) == ["error"]
     assert play.swapper.upstream_closed(1001) is False
