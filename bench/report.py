@@ -131,6 +131,14 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 None if _get(mem, "proxy", "error") else _ok(per, lambda x: x <= RSS_KIB),
             )
         )
+        if "proxy_swap" in mem:
+            out.append(
+                Row(
+                    f"RSS per idle session with a warm spare (strategy swap), {mem['sessions']:,} open (KiB)",
+                    "—",
+                    rss("proxy_swap"),
+                )
+            )
     rst = results.get("reset")
     if rst:
         out.extend(_reset_rows(rst))

@@ -336,6 +336,14 @@ async def memory(
             if "error" not in retry:
                 result = {**retry, "error": result["error"], "sessions": fewer}
         out[name] = result
+    # The same proxy keeping a warm spare per connection ([reset] strategy = "swap"): two upstream sockets each.
+    out["proxy_swap"] = await _idle_rss_fresh(
+        session,
+        lambda: start_proxy(workdir, "proxy-mem-swap", echo_url, '\n[reset]\nstrategy = "swap"\n'),
+        plan.idle_sessions,
+        "proxy, strategy swap",
+        log,
+    )
     return out
 
 
