@@ -270,3 +270,17 @@ async def test_a_rollover_that_finds_no_upstream_passes_the_close_through(make_s
     assert client.types() == ["session.created"] and len(stack.sim.sessions) == 1
     # (Not `settled`: the refused dials' HTTP connections stay in aiohttp's keep-alive pool, a task each.)
     await wait_for(lambda: not stack.proxy.state.sockets and not relays(), "the connection to end")
+
+
+async def test_a_beta_client_swaps_to_a_beta_spare(make_stack: StackFactory) -> None:
+    """The OpenAI-Beta header is part of the dial: the spare speaks beta too, and the swap moves the client to it."""
+    stack = await make_stack(reset={"strategy": "swap"})
+    client, old = await stack.client(additional_headers={"OpenAI-Beta": "realtime=v1"})
+    spare = await stack.sim.wait_for_sessions(2)
+    await spare_ready()
+    assert old.generation == spare.generation == "beta"
+    await client.send(item_event("x"))
+    item_id = (await client.until("conversation.item.created"))["item"]["id"]
+    await client.send({"type": "session.reset"})
+    done = await client.until("session.reset.completed")
+    assert done["strategy"] == "swap" and done["deleted_item_ids"] == [item_id] and spare.item_ids == []
