@@ -203,7 +203,7 @@ async def start_upstream(workdir: Path, sim_delay: float) -> Service:
     return Service("upstream", proc, ports["echo"], log_path, extra=ports)
 
 
-async def start_proxy(workdir: Path, name: str, upstream_url: str) -> Service:
+async def start_proxy(workdir: Path, name: str, upstream_url: str, extra_toml: str = "") -> Service:
     """`python -m proxy --config <toml>` on a port chosen here (the CLI does not report the one it picks)."""
     port = free_port()
     config = workdir / f"{name}.toml"
@@ -213,7 +213,7 @@ async def start_proxy(workdir: Path, name: str, upstream_url: str) -> Service:
         f'[listen]\nhost = "{HOST}"\nport = {port}\nworkers = 1\n\n'
         f'[upstream]\nurl = "{upstream_url}"\n\n'
         # Production settings: info-level JSON lines (one per connection open/close and per reset).
-        '[logging]\nlevel = "info"\nformat = "json"\n',
+        '[logging]\nlevel = "info"\nformat = "json"\n' + extra_toml,
         encoding="utf-8",
     )
     log_path = workdir / f"{name}.log"

@@ -131,6 +131,14 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 None if _get(mem, "proxy", "error") else _ok(per, lambda x: x <= RSS_KIB),
             )
         )
+        if "proxy_swap" in mem:
+            out.append(
+                Row(
+                    f"RSS per idle session with a warm spare (strategy swap), {mem['sessions']:,} open (KiB)",
+                    "—",
+                    rss("proxy_swap"),
+                )
+            )
     rst = results.get("reset")
     if rst:
         out.extend(_reset_rows(rst))
@@ -201,6 +209,13 @@ def _reset_rows(rst: dict[str, Any]) -> list[Row]:
             "—",
             f"{RESET_ITEMS:,}: ≤ {limit:.0f}",
             _ok(big, lambda x: x <= limit),
+        ),
+        Row(
+            f"`session.reset` by swap to a warm spare, {counts} items (ms)",
+            "—",
+            cells(rst.get("swap_median_ms", {})) if rst.get("swap_median_ms") else "—",
+            "—",
+            "≤ 1 + own processing",
         ),
         Row(f"Client deletes one at a time, {counts} items (ms)", cells(rst["client_delete_ms"])),
         Row(f"Client deletes all at once (floor), {counts} items (ms)", cells(rst["pipelined_delete_median_ms"])),
@@ -395,11 +410,12 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         items = rst["items"]
         series = [
             ("reset_median_ms", "o-", colors["proxy"], "session.reset through the proxy"),
+            ("swap_median_ms", "D-", "purple", "session.reset by swap"),
             ("pipelined_delete_median_ms", "^--", colors["nginx"], "client deletes all at once (floor)"),
             ("client_delete_ms", "s-", colors["direct"], "client deletes one at a time"),
         ]
         for key, style, color, label in series:
-            pts = [(n, rst[key].get(str(n))) for n in items]
+            pts = [(n, rst.get(key, {}).get(str(n))) for n in items]
             pts = [(n, v) for n, v in pts if v is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, color=color, label=label)

@@ -2,7 +2,9 @@
 
 Ways to get back to an empty conversation, each measured from the client:
 
-- ``session.reset`` through the proxy, until ``session.reset.completed``;
+- ``session.reset`` through the proxy, until ``session.reset.completed``: by deletes (the default strategy), and
+  by swap (a second proxy with ``[reset] strategy = "swap"``: the client moves to a spare upstream session that
+  is already open and configured, so no upstream round trip is paid, whatever the item count);
 - a client deleting every item itself, one ``conversation.item.delete`` at a time, each waiting for its
   ``conversation.item.deleted`` (direct to the same Simulator);
 - a client sending every delete at once and waiting for all the acks (direct): the floor any reset reaches
@@ -37,6 +39,7 @@ class ResetResult:
     delay_s: float
     items: list[int]
     reset_ms: dict[int, list[float]] = field(default_factory=dict)
+    swap_ms: dict[int, list[float]] = field(default_factory=dict)  # by swap, to a warm spare
     client_delete_ms: dict[int, float | None] = field(default_factory=dict)
     pipelined_delete_ms: dict[int, list[float]] = field(default_factory=dict)
     reconnect_ms: list[float] = field(default_factory=list)  # handshake through the delay
@@ -101,9 +104,13 @@ async def create_items(ws: WS, n: int, tag: str, wait_s: float = 30.0) -> list[s
     return ids
 
 
-async def time_reset(ws: WS, n: int, tag: str) -> float:
-    """ms from sending `session.reset` to `session.reset.completed`, with `n` items in the conversation."""
+async def time_reset(ws: WS, n: int, tag: str, strategy: str = "delete", settle_s: float = 0.0) -> float:
+    """ms from sending `session.reset` to `session.reset.completed`, with `n` items in the conversation; the
+    reset must have been done by `strategy` (a swap that found no ready spare deletes, and would not count).
+    `settle_s`: a pause before the reset (the next spare is ready one handshake and one delay after a swap)."""
     await create_items(ws, n, tag)
+    if settle_s:
+        await asyncio.sleep(settle_s)
     t0 = time.perf_counter()
     await _send(ws, {"type": "session.reset", "event_id": f"reset_{tag}"})
     completed = await _until(ws, "session.reset.completed")
@@ -111,6 +118,8 @@ async def time_reset(ws: WS, n: int, tag: str) -> float:
     deleted = completed.get("deleted_item_ids") or []
     if len(deleted) != n:
         raise BenchError(f"reset of {n} items reported {len(deleted)} deleted")
+    if completed.get("strategy") != strategy:
+        raise BenchError(f"reset of {n} items was done by {completed.get('strategy')!r}, not {strategy!r}")
     return elapsed
 
 
@@ -165,6 +174,7 @@ async def run_reset(
     client_delete_max: int,
     reconnects: int,
     log: Any = print,
+    swap_proxy_url: str | None = None,
 ) -> ResetResult:
     result = ResetResult(delay_s=delay_s, items=items)
     ws = await connect(session, proxy_url)
@@ -174,6 +184,15 @@ async def run_reset(
             log(f"  session.reset, {n} items: {statistics.median(result.reset_ms[n]):.1f} ms (median of {repeats})")
     finally:
         await ws.close()
+    if swap_proxy_url is not None:
+        ws = await connect(session, swap_proxy_url)
+        settle_s = 4 * delay_s + 0.05  # the spare's handshake and its session.created, through the delay
+        try:
+            for n in items:
+                result.swap_ms[n] = [await time_reset(ws, n, f"s{n}_{r}", "swap", settle_s) for r in range(repeats)]
+                log(f"  session.reset by swap, {n} items: {statistics.median(result.swap_ms[n]):.2f} ms")
+        finally:
+            await ws.close()
     ws = await connect(session, sim_url)
     try:
         for n in items:

@@ -336,6 +336,14 @@ async def memory(
             if "error" not in retry:
                 result = {**retry, "error": result["error"], "sessions": fewer}
         out[name] = result
+    # The same proxy keeping a warm spare per connection ([reset] strategy = "swap"): two upstream sockets each.
+    out["proxy_swap"] = await _idle_rss_fresh(
+        session,
+        lambda: start_proxy(workdir, "proxy-mem-swap", echo_url, '\n[reset]\nstrategy = "swap"\n'),
+        plan.idle_sessions,
+        "proxy, strategy swap",
+        log,
+    )
     return out
 
 
@@ -389,6 +397,7 @@ async def reset(
     sim_base = f"ws://127.0.0.1:{upstream.extra['sim']}/v1/realtime"
     line_url = f"ws://127.0.0.1:{upstream.extra['sim_via_delay_line']}/v1/realtime?model=gpt-realtime"
     proxy = await start_proxy(workdir, "proxy-sim", sim_base)
+    swap_proxy = await start_proxy(workdir, "proxy-sim-swap", sim_base, '\n[reset]\nstrategy = "swap"\n')
     try:
         r = await run_reset(
             session,
@@ -401,14 +410,18 @@ async def reset(
             plan.client_delete_max,
             plan.reconnects,
             log,
+            swap_proxy.url(),
         )
     finally:
         await proxy.stop()
+        await swap_proxy.stop()
     return {
         "delay_s": r.delay_s,
         "items": r.items,
         "reset_ms": {str(n): v for n, v in r.reset_ms.items()},
         "reset_median_ms": {str(n): r.reset_median(n) for n in r.items},
+        "swap_ms": {str(n): v for n, v in r.swap_ms.items()},
+        "swap_median_ms": {str(n): statistics.median(v) for n, v in r.swap_ms.items()},
         "client_delete_ms": {str(n): v for n, v in r.client_delete_ms.items()},
         "pipelined_delete_ms": {str(n): v for n, v in r.pipelined_delete_ms.items()},
         "pipelined_delete_median_ms": {str(n): statistics.median(v) for n, v in r.pipelined_delete_ms.items()},

@@ -118,11 +118,24 @@ def _run_workers(config: Config, config_path: str | None) -> int:
     return max((p.exitcode or 0) for p in workers)
 
 
-async def _simulate(host: str, port: int, vad: bool, quirks: list[str]) -> None:
+async def _simulate(args: argparse.Namespace) -> None:
     from proxy.simulator import SimulatorConfig
     from proxy.simulator.server import serve_forever
 
-    await serve_forever(host, port, SimulatorConfig(server_vad=vad, quirks=frozenset(quirks)))
+    config = SimulatorConfig(
+        server_vad=args.server_vad,
+        quirks=frozenset(args.quirk),
+        session_max_s=args.session_max_seconds,
+        session_expired_error=not args.no_session_expired_error,
+    )
+    await serve_forever(args.host, args.port, config)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"behave like a real server that does this (repeatable): {', '.join(QUIRKS)}",
     )
+    simulate.add_argument(
+        "--session-max-seconds",
+        type=_positive,
+        default=None,
+        metavar="S",
+        help="end every session S seconds after it opened, like OpenAI's 60-minute cap (close 1001)",
+    )
+    simulate.add_argument(
+        "--no-session-expired-error",
+        action="store_true",
+        help="at the cap send only the close, without the session_expired error some API versions send first",
+    )
     demo = sub.add_parser("demo", help="simulator + proxy + a client: the same tasks without, then with resets")
     demo.add_argument("--tasks", type=int, default=3)
     return parser
@@ -157,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "simulate":
             with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(_simulate(args.host, args.port, args.server_vad, args.quirk))
+                asyncio.run(_simulate(args))
             return 0
         if command == "demo":
             from proxy.config import LoggingConfig

@@ -19,9 +19,18 @@ from typing import Any, Literal, get_args, get_type_hints
 from yarl import URL
 
 from proxy.core.errors import ConfigError
-from proxy.core.events import CHECKPOINT_TYPES, POLICY_TYPES, RESET_TYPES, USAGE_TYPES, AutoAfter, ResetTarget
+from proxy.core.events import (
+    CHECKPOINT_TYPES,
+    POLICY_TYPES,
+    RESET_TYPES,
+    USAGE_TYPES,
+    AutoAfter,
+    ResetStrategy,
+    ResetTarget,
+)
 from proxy.core.policy import Policy
 from proxy.core.session import SessionConfig
+from proxy.core.swap import SwapConfig
 
 # Real client events (both generations): a synthetic type must never shadow one.
 REAL_CLIENT_EVENTS = frozenset(
@@ -96,6 +105,8 @@ class UpstreamConfig:
     # Billing pins: sent upstream as OpenAI-Organization / OpenAI-Project when set, in place of the client's.
     organization: str = ""
     project: str = ""
+    max_session_seconds: float = 3300.0  # under OpenAI's 60-minute cap; 0: no cap
+    warn_before_seconds: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +135,7 @@ class ResetConfig:
     to: ResetTarget = "empty"
     max_input_tokens: int = 0
     max_items: int = 0
+    strategy: ResetStrategy = "delete"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +177,13 @@ class Config:
                 max_input_tokens=self.reset.max_input_tokens,
                 max_items=self.reset.max_items,
             ),
+        )
+
+    def swap_config(self) -> SwapConfig:
+        return SwapConfig(
+            strategy=self.reset.strategy,
+            max_session_seconds=self.upstream.max_session_seconds,
+            warn_before_seconds=self.upstream.warn_before_seconds,
         )
 
 
@@ -280,6 +299,12 @@ def _validate(config: Config) -> None:
     for key in ("reset.max_input_tokens", "reset.max_items"):
         if getattr(config.reset, key.removeprefix("reset.")) < 0:
             raise ConfigError(key, "must be 0 (off) or more")
+    for key, seconds in (
+        ("upstream.max_session_seconds", config.upstream.max_session_seconds),
+        ("upstream.warn_before_seconds", config.upstream.warn_before_seconds),
+    ):
+        if seconds < 0:
+            raise ConfigError(key, f"must be 0 or more, not {seconds!r}")
     if not config.reset.event_types:
         raise ConfigError("reset.event_types", "must name at least one event type")
     synthetic = (

@@ -10,6 +10,12 @@ queue, stops reading the socket, and TCP pushes back on the client instead of th
 
 A fault of our own (an exception in a pump or the reset timer that is not the network going away) is logged
 with its traceback and closes both sides with 1011: it is never swallowed.
+
+With a swap controller (proxy/core/swap.py) a client connection may outlive its upstream: a :class:`Spares`
+helper owns the spare upstream (its dial, its close) and the upstreams the client left (each gets a close
+1000). Every upstream socket has one reader; what it reads goes to the core session while that socket is the
+primary, to the controller while it is the spare, and nowhere once retired. Actions the controller asks for
+are carried out at the start of the next flush, before any await, so no frame slips in between.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 
+from proxy.core.errors import UpstreamRefused, UpstreamUnreachable
+from proxy.core.replay import Dial, ReplayRecord
 from proxy.core.session import (
     Binary,
     EventsRejected,
@@ -36,6 +44,7 @@ from proxy.core.session import (
     UpstreamSession,
     Usage,
 )
+from proxy.core.swap import Action, SwapConfig, SwapNotice, Swapper, Switched
 from proxy.metrics import Metrics
 
 _log = structlog.get_logger("proxy.relay")
@@ -81,6 +90,87 @@ class RelayStats:
     resets_timed_out: int = 0
     client_close_code: int | None = None
     upstream_close_code: int | None = None
+    upstream_switches: int = 0
+
+
+Upstream = ClientWebSocketResponse[bool]
+Connect = Callable[[Dial], Awaitable[Upstream]]
+
+
+class Spares:
+    """The spare upstream of one client connection and the upstreams it left: dials and closes, nothing more.
+
+    `on_open(ws)` is called with a spare that opened (the relay starts its reader), `on_failed()` when a dial
+    failed. Tasks it starts are its own and are all ended by :meth:`aclose`."""
+
+    def __init__(
+        self,
+        connect: Connect,
+        dial: Dial,
+        on_open: Callable[[Upstream], Awaitable[None]],
+        on_failed: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.ws: Upstream | None = None
+        self._connect = connect
+        self._dial = dial
+        self._on_open = on_open
+        self._on_failed = on_failed
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._closed = False
+
+    def _spawn(self, coro: Awaitable[object], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def dial(self) -> None:
+        if not self._closed:  # a spare lost while the connection ends is not replaced
+            self._spawn(self._dial_one(), "spare-dial")
+
+    async def _dial_one(self) -> None:
+        try:
+            ws = await self._connect(self._dial)
+        except UpstreamRefused as exc:
+            await self._on_failed(f"refused with HTTP {exc.status}")
+            return
+        except UpstreamUnreachable as exc:
+            await self._on_failed(exc.reason)
+            return
+        if self._closed:
+            await ws.close(code=WSCloseCode.GOING_AWAY)
+            return
+        self.ws = ws
+        await self._on_open(ws)
+
+    def close_spare(self) -> None:
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            self._spawn(ws.close(code=WSCloseCode.OK), "spare-close")
+
+    def promote(self) -> Upstream:
+        ws, self.ws = self.ws, None
+        assert ws is not None
+        return ws
+
+    def retire(self, ws: Upstream, last: Awaitable[None]) -> None:
+        """Send the old upstream what it still had coming, then close it with 1000."""
+
+        async def retire() -> None:
+            await last
+            await ws.close(code=WSCloseCode.OK, message=b"session moved")
+
+        self._spawn(retire(), "upstream-retire")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self.close_spare()
+        tasks = list(self._tasks)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Relay:
@@ -93,6 +183,9 @@ class Relay:
         log: structlog.stdlib.BoundLogger | None = None,
         close_timeout: float = 5.0,
         client_transport: asyncio.BaseTransport | None = None,
+        swap: SwapConfig | None = None,
+        dial: Dial | None = None,
+        connect: Connect | None = None,
     ) -> None:
         self.client = client
         self.metrics = metrics
@@ -113,6 +206,15 @@ class Relay:
         self._client_transport = client_transport
         self._armed: float | None = None
         self._upstream_close: tuple[int | None, str] | None = None
+        self._primary_ended = asyncio.Event()
+        self._reader_fault: BaseException | None = None
+        self._readers: set[asyncio.Task[None]] = set()
+        self._held_before = 0  # held_total of the sessions the client left
+        self.swapper: Swapper | None = None
+        self.spares: Spares | None = None
+        if swap is not None and dial is not None and connect is not None:
+            self.swapper = Swapper(swap, ReplayRecord(dial), self.session, clock=time.monotonic)
+            self.spares = Spares(connect, dial, self._spare_opened, self._spare_failed)
 
     async def run(self) -> None:
         """Relay until either side closes; then close the other with a code that says why, and clean up."""
@@ -122,6 +224,8 @@ class Relay:
         upstream_pump = asyncio.create_task(self._upstream_pump(), name="upstream-pump")
         timer = asyncio.create_task(self._timer(), name="reset-timer")
         try:
+            if self.swapper is not None and self.swapper.pending:
+                await self._flush()  # the first spare's dial
             done, _ = await asyncio.wait({client_pump, upstream_pump, timer}, return_when=asyncio.FIRST_COMPLETED)
             fault = _fault(done)
             self._closing = True
@@ -145,13 +249,18 @@ class Relay:
                 await self.client.close(code=WSCloseCode.GOING_AWAY)
             if not self.upstream.closed:
                 await self.upstream.close()
+            if self.spares is not None:
+                await self.spares.aclose()
+            readers = list(self._readers)
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
             if self.metrics is not None:
                 self.metrics.closed(self)
 
     # --- pumps ------------------------------------------------------------------------------------
 
     async def _client_pump(self) -> None:
-        session = self.session
         stats = self.stats
         receive = self.client.receive
         while True:
@@ -168,9 +277,9 @@ class Relay:
                 return
             stats.frames_up += 1
             stats.bytes_up += len(data)
-            session.client_frame(data)
+            self.session.client_frame(data)  # not cached: a swap puts another session here
             await self._flush()
-            if session.paused and not await self._resumed_or_gone():
+            if self.session.paused and not await self._resumed_or_gone():
                 return  # the client vanished while a reset held it back
 
     async def _resumed_or_gone(self) -> bool:
@@ -187,33 +296,121 @@ class Relay:
         return True
 
     async def _upstream_pump(self) -> None:
-        session = self.session
+        """Ends when the client's upstream ends for good (no rollover), with a reader's fault if there was one."""
+        self._start_reader(self.upstream)
+        await self._primary_ended.wait()
+        if self._reader_fault is not None:
+            raise self._reader_fault
+
+    def _start_reader(self, ws: Upstream) -> None:
+        task = asyncio.create_task(self._upstream_reader(ws), name="upstream-reader")
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def _upstream_reader(self, ws: Upstream) -> None:
+        """The one reader of an upstream socket, primary or spare; any fault ends the relay with 1011."""
+        try:
+            await self._follow(ws)
+        except ConnectionError:  # a write failed: the network went away, as a read would have said
+            if ws is self.upstream:
+                self._primary_ended.set()
+        except Exception as exc:  # a fault of ours: the relay fails loudly
+            self._reader_fault = exc
+            self._primary_ended.set()
+
+    async def _follow(self, ws: Upstream) -> None:
+        try:
+            close = await self._read(ws)
+        except ConnectionError:
+            close = None
+        if ws is self.upstream:
+            if close is not None:
+                self._upstream_close = close
+            swapper = self.swapper
+            code = close[0] if close is not None else None
+            if swapper is None or not swapper.upstream_closed(code):
+                self._primary_ended.set()
+            else:
+                await self._flush()  # a rollover: the client stays, held back until the switch
+        elif self.spares is not None and ws is self.spares.ws:
+            self.spares.ws = None
+            await self._spare_failed("the spare's connection ended")
+
+    async def _read(self, ws: Upstream) -> tuple[int | None, str] | None:
+        """Read `ws` until it ends; its close code and reason if it sent a close frame."""
         stats = self.stats
-        receive = self.upstream.receive
+        receive = ws.receive
         while True:
             msg = await receive()
             kind = msg.type
             if kind is WSMsgType.TEXT:
                 data: Frame = msg.data
                 if not is_utf8(msg.data):  # the upstream broke the protocol: 1007 to it, 1014 to the client
-                    self._upstream_close = (None, "upstream sent " + INVALID_UTF8)
-                    await self.upstream.close(code=WSCloseCode.INVALID_TEXT, message=INVALID_UTF8.encode())
-                    return
+                    await ws.close(code=WSCloseCode.INVALID_TEXT, message=INVALID_UTF8.encode())
+                    return None, "upstream sent " + INVALID_UTF8
             elif kind is WSMsgType.BINARY:
                 data = Binary(msg.data)
             else:
-                if kind is WSMsgType.CLOSE:  # the upstream's own close: its code and reason go to the client
-                    self._upstream_close = (msg.data, msg.extra or "")
-                return
-            stats.frames_down += 1
-            stats.bytes_down += len(data)
-            session.upstream_frame(data)
+                # The upstream's own close: its code and reason go to the client.
+                return (msg.data, msg.extra or "") if kind is WSMsgType.CLOSE else None
+            if ws is self.upstream:
+                stats.frames_down += 1
+                stats.bytes_down += len(data)
+                self.session.upstream_frame(data)
+            elif self.spares is not None and ws is self.spares.ws:
+                assert self.swapper is not None
+                self.swapper.spare_frame(data)  # a spare's words are for us alone
+            else:
+                continue  # an upstream the client left: nothing of it reaches the client
             await self._flush()
+
+    async def _spare_opened(self, ws: Upstream) -> None:
+        assert self.swapper is not None
+        self.swapper.spare_opened()
+        self._start_reader(ws)
+        await self._flush()
+
+    async def _spare_failed(self, reason: str) -> None:
+        assert self.swapper is not None
+        self.log.info("spare_failed", reason=reason)
+        self.swapper.spare_failed()
+        await self._flush()
+
+    def _act(self, actions: Sequence[Action]) -> None:
+        """Carry out what the swap controller asked for; synchronous, so nothing is read in between."""
+        swapper, spares = self.swapper, self.spares
+        assert swapper is not None and spares is not None
+        for action in actions:
+            if action is Action.DIAL:
+                spares.dial()
+            elif action is Action.CLOSE_SPARE:
+                spares.close_spare()
+            elif action is Action.SWITCH:
+                old_session, old = self.session, self.upstream
+                self._held_before += old_session.held_total
+                self.session = swapper.switch()
+                self.upstream = spares.promote()
+                self.stats.upstream_switches += 1
+                spares.retire(old, self._send_locked(old, swapper.take_retired()))
+            else:  # END: a rollover found no upstream; the old one's close reaches the client
+                self._primary_ended.set()
+
+    async def _send_locked(self, ws: Upstream, frames: list[Frame]) -> None:
+        if frames:
+            async with self._up_lock:
+                await _send_all(ws, frames)
+
+    def _deadline(self) -> float | None:
+        deadline = self.session.deadline
+        other = self.swapper.deadline if self.swapper is not None else None
+        if deadline is None or (other is not None and other < deadline):
+            return other
+        return deadline
 
     async def _timer(self) -> None:
         while True:
             self._deadline_changed.clear()
-            deadline = self.session.deadline
+            deadline = self._deadline()
             self._armed = deadline
             if deadline is None:
                 await self._deadline_changed.wait()
@@ -224,11 +421,19 @@ class Relay:
                     await asyncio.wait_for(self._deadline_changed.wait(), delay)
                 continue
             self.session.handle_timeout()
+            if self.swapper is not None:
+                self.swapper.handle_timeout()
             await self._flush()
 
     async def _flush(self) -> None:
+        swapper = self.swapper
+        if swapper is not None:
+            while swapper.actions:  # a switch asks for the next spare at once
+                self._act(swapper.take_actions())
+            if swapper.pending:
+                await self._flush_swapper(swapper)
         session = self.session
-        if session.deadline != self._armed:
+        if self._deadline() != self._armed:
             self._deadline_changed.set()
         if not session.paused:
             self._resumed.set()
@@ -241,15 +446,27 @@ class Relay:
         if session.notices:
             self._note(session.take_notices())
 
+    async def _flush_swapper(self, swapper: Swapper) -> None:
+        spare = self.spares.ws if self.spares is not None else None
+        to_spare = swapper.take_spare()
+        if to_spare and spare is not None:
+            await _send_all(spare, to_spare)  # only this relay writes to its spare, one flush at a time
+        if swapper.notices:
+            self._note(swapper.take_notices())
+        to_client = swapper.take_client()
+        if to_client:
+            async with self._down_lock:
+                await _send_all(self.client, to_client)
+
     @property
     def held_count(self) -> int:
         return self.session.held_count
 
     @property
     def held_total(self) -> int:
-        return self.session.held_total
+        return self._held_before + self.session.held_total
 
-    def _note(self, notices: list[Notice]) -> None:
+    def _note(self, notices: Sequence[Notice | SwapNotice]) -> None:
         """Logs and metrics for what the core reported; rare events, off the per-frame path."""
         metrics = self.metrics
         for notice in notices:
@@ -286,6 +503,13 @@ class Relay:
                     input_tokens=notice.input_tokens,
                     output_tokens=notice.output_tokens,
                     auto=notice.auto,
+                )
+            elif isinstance(notice, Switched):
+                self.log.info(
+                    "upstream_switched",
+                    reason=notice.reason,
+                    old_upstream_session=notice.old_session_id,
+                    items_left=notice.items,
                 )
             elif isinstance(notice, LateResponse):
                 self.log.info("late_response_cancelled", response_id=notice.response_id)
@@ -352,7 +576,7 @@ def _fault(tasks: set[asyncio.Task[None]]) -> BaseException | None:
     return None
 
 
-async def _send_all(ws: web.WebSocketResponse[bool] | ClientWebSocketResponse[bool], frames: list[Frame]) -> None:
+async def _send_all(ws: web.WebSocketResponse[bool] | ClientWebSocketResponse[bool], frames: Sequence[Frame]) -> None:
     for frame in frames:
         if isinstance(frame, Binary):
             await ws.send_frame(frame, WSMsgType.BINARY)

@@ -33,6 +33,7 @@ from proxy.auth import (
 )
 from proxy.config import Config
 from proxy.core.errors import ConfigError, UpstreamRefused, UpstreamUnreachable
+from proxy.core.replay import Dial
 from proxy.metrics import SHARED_SYNC_SECONDS, Metrics
 from proxy.relay import Relay
 from proxy.upstream import client_session as upstream_client_session
@@ -125,16 +126,10 @@ async def _serve(
     # With an injected key the client's own credentials are dropped, the Azure browser form (?api-key=) too.
     url = upstream_url(config.upstream.url, request.query, drop=("api-key",) if state.secrets.upstream_key else ())
     headers, protocols = upstream_credentials(config, state.secrets, request.headers, offered)
+    dial = Dial(url, tuple(headers), tuple(protocols))  # a spare is dialed the same way
     started = time.perf_counter()  # not loop.time(): uvloop's moves in whole milliseconds
     try:
-        upstream = await open_upstream(
-            state.client_session(),
-            url,
-            headers,
-            protocols,
-            max_message_bytes=config.limits.max_message_bytes,
-            connect_timeout=config.upstream.connect_timeout_seconds,
-        )
+        upstream = await state.connect(dial)
     except UpstreamRefused as exc:
         state.metrics.upstream_failures.labels(str(exc.status)).inc()
         conn_log.info("upstream_refused", status=exc.status)
@@ -163,7 +158,15 @@ async def _serve(
         raise
     state.sockets.add(ws)
     relay = Relay(
-        ws, upstream, state.session_config, metrics=state.metrics, log=conn_log, client_transport=request.transport
+        ws,
+        upstream,
+        state.session_config,
+        metrics=state.metrics,
+        log=conn_log,
+        client_transport=request.transport,
+        swap=state.swap_config,
+        dial=dial,
+        connect=state.connect,
     )
     relay.log.info("connection_open", upstream_connect_ms=round((time.perf_counter() - started) * 1000, 3))
     try:
@@ -179,6 +182,7 @@ async def _serve(
             bytes_up=stats.bytes_up,
             bytes_down=stats.bytes_down,
             resets=stats.resets,
+            upstream_switches=stats.upstream_switches,
             client_close_code=stats.client_close_code,
             upstream_close_code=stats.upstream_close_code,
         )
@@ -219,6 +223,7 @@ class ServerState:
         self.config = config
         self.secrets = secrets
         self.session_config = config.session_config()
+        self.swap_config = config.swap_config()
         self.metrics = Metrics()
         self.draining = False
         self.sockets: weakref.WeakSet[web.WebSocketResponse[bool]] = weakref.WeakSet()
@@ -232,6 +237,17 @@ class ServerState:
         if self._client_session is None:
             self._client_session = upstream_client_session()
         return self._client_session
+
+    async def connect(self, dial: Dial) -> aiohttp.ClientWebSocketResponse[bool]:
+        """Open an upstream session (a client's first, or a spare) as `dial` says."""
+        return await open_upstream(
+            self.client_session(),
+            dial.url,
+            dial.headers,
+            dial.subprotocols,
+            max_message_bytes=self.config.limits.max_message_bytes,
+            connect_timeout=self.config.upstream.connect_timeout_seconds,
+        )
 
     async def close(self) -> None:
         if self._client_session is not None:

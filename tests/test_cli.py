@@ -35,6 +35,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("unknown-section", "[upstreams]\nurl = 'wss://x'\n", "upstreams"),
     ("wrong-type", '[reset]\ntimeout_seconds = "ten"\n', "reset.timeout_seconds"),
     ("out-of-range", "[listen]\nport = 70000\n", "listen.port"),
+    ("bad-strategy", '[reset]\nstrategy = "fast"\n', "reset.strategy"),
     ("bad-scheme", '[upstream]\nurl = "ftp://api.openai.com/v1/realtime"\n', "upstream.url"),
 ]
 
@@ -149,3 +150,39 @@ async def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_simulate_with_a_session_cap_closes_each_session_with_openais_reason() -> None:
+    """`simulate --session-max-seconds` ends a session at the cap with 1001 and OpenAI's reason (no error first)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "simulate",
+        "--port",
+        "0",
+        "--session-max-seconds",
+        "0.3",
+        "--no-session-expired-error",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), TIMEOUT_S)).decode()
+        url = re.search(r"ws://\S+", line)
+        assert url is not None, line
+        async with connect(url.group(0) + "?model=gpt-realtime") as ws:
+            received = [orjson.loads(await ws.recv())["type"]]
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), TIMEOUT_S)
+        assert received == ["session.created"]
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert closed.value.rcvd.reason == "Your session hit the maximum duration of 60 minutes."
+    finally:
+        proc.terminate()
+        await proc.wait()

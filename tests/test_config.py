@@ -92,6 +92,9 @@ BAD_FILES: list[tuple[str, str, str]] = [
     ("section-not-a-table", "listen = 8765\n", "listen"),
     ("unknown-key", "[listen]\nprot = 8765\n", "listen.prot"),
     ("unknown-key-in-limits", "[limits]\nmax_held = 5\n", "limits.max_held"),
+    ("bad-reset-strategy", '[reset]\nstrategy = "fast"\n', "reset.strategy"),
+    ("negative-session-cap", "[upstream]\nmax_session_seconds = -1\n", "upstream.max_session_seconds"),
+    ("negative-warning", "[upstream]\nwarn_before_seconds = -5.0\n", "upstream.warn_before_seconds"),
     ("port-not-int", '[listen]\nport = "8765"\n', "listen.port"),
     ("port-float", "[listen]\nport = 8765.0\n", "listen.port"),
     ("port-bool", "[listen]\nport = true\n", "listen.port"),
@@ -264,3 +267,12 @@ def test_access_keys_accept_what_browsers_and_host_headers_carry() -> None:
     assert config.upstream.organization == "org-AbC123" and config.upstream.project == "proj_abc"
     assert config.auth.allowed_origins[1] == "http://localhost:5173/"
     assert config.auth.allowed_hosts[-1] == "*"
+
+
+def test_swap_keys_reach_the_swap_config() -> None:
+    """[reset] strategy and the [upstream] cap keys end up in the relay's swap config; 0 turns the cap off."""
+    config = config_from_dict(
+        {"reset": {"strategy": "swap"}, "upstream": {"max_session_seconds": 0, "warn_before_seconds": 60}}
+    )
+    swap = config.swap_config()
+    assert (swap.strategy, swap.max_session_seconds, swap.warn_before_seconds) == ("swap", 0.0, 60.0)

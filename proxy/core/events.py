@@ -32,6 +32,7 @@ RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
 OUTPUT_ITEM_ADDED = "response.output_item.added"
 SESSION_CREATED = "session.created"
+SESSION_UPDATED = "session.updated"
 ERROR = "error"
 
 # --- client events the core reads or sends ----------------------------------------------------------
@@ -41,6 +42,8 @@ ITEM_DELETE = "conversation.item.delete"
 AUDIO_CLEAR = "input_audio_buffer.clear"
 AUDIO_COMMIT = "input_audio_buffer.commit"
 ITEM_CREATE = "conversation.item.create"
+SESSION_UPDATE = "session.update"
+AUDIO_APPEND = "input_audio_buffer.append"
 
 # --- synthetic events (defaults; the type names are configurable) -----------------------------------
 RESET_TYPES = ("session.reset", "conversation.delete.all")
@@ -48,6 +51,7 @@ CHECKPOINT_TYPES = ("session.checkpoint",)
 USAGE_TYPES = ("session.usage",)
 POLICY_TYPES = ("session.reset.policy",)
 RESET_COMPLETED = "session.reset.completed"
+SESSION_EXPIRING = "session.expiring"
 CHECKPOINT_CREATED = "session.checkpoint.created"
 USAGE_RESULT = "session.usage.result"
 POLICY_UPDATED = "session.reset.policy.updated"
@@ -155,7 +159,11 @@ def str_or_none(value: object) -> str | None:
 
 ResetTarget = Literal["empty", "checkpoint"]
 AutoAfter = Literal["never", "response"]
-_RESET_FIELDS = frozenset({"type", "event_id", "keep_item_ids", "to", "cancel_response", "clear_input_audio"})
+ResetStrategy = Literal["delete", "swap"]
+RESET_STRATEGIES: tuple[ResetStrategy, ...] = ("delete", "swap")
+_RESET_FIELDS = frozenset(
+    {"type", "event_id", "keep_item_ids", "to", "cancel_response", "clear_input_audio", "strategy"}
+)
 _CHECKPOINT_FIELDS = frozenset({"type", "event_id"})
 _POLICY_FIELDS = frozenset({"type", "event_id", "after", "to", "max_input_tokens", "max_items"})
 
@@ -167,6 +175,12 @@ class ResetRequest:
     to: ResetTarget = "empty"
     cancel_response: bool = True
     clear_input_audio: bool = True
+    strategy: ResetStrategy | None = None  # None: the configured one
+
+    @property
+    def full(self) -> bool:
+        """Nothing is kept: the reset may as well be a new upstream session (a swap)."""
+        return not self.keep_item_ids and self.to == "empty"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +225,16 @@ def parse_reset(event: Event) -> ResetRequest:
     to = event.get("to", "empty")
     if to not in ("empty", "checkpoint"):
         raise_invalid("to", 'to must be "empty" or "checkpoint"')
+    strategy = event.get("strategy")
+    if strategy is not None and strategy not in RESET_STRATEGIES:
+        raise_invalid("strategy", 'strategy must be "delete" or "swap"')
     return ResetRequest(
         event_id=event_id,
         keep_item_ids=tuple(keep),
         to=to,
         cancel_response=_flag(event, "cancel_response", True),
         clear_input_audio=_flag(event, "clear_input_audio", True),
+        strategy=strategy,
     )
 
 

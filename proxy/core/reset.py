@@ -6,6 +6,9 @@
        │                                                                       │ pipelined; later items are deleted
        └────────────────────────── deadline passes: timed out ◀────────────────┘ as they appear
 
+A swap (`swap`: the client moves to a fresh upstream session, proxy/core/swap.py) stops after QUIETING: it is done
+once no response of the old session runs and its cancels are answered; it sends no clear and no delete.
+
 Done means: every command this reset sent was answered (ack or error), no item is still on its way (a
 committed audio item, or a client create or commit sent before the reset), no response that can add items
 runs, and the conversation holds nothing but kept items (and items whose delete failed for a reason other
@@ -61,6 +64,8 @@ class Reset:
     clear_sent: bool = False
     scanned_additions: int = -1  # conv.additions at the last full scan
     waiting: set[str] = field(default_factory=set)  # items somebody else's delete is on its way for
+    swap: bool = False  # done when quiet: the session moves to another upstream instead of deleting
+    silent: bool = False  # a swap of the proxy's own (a rollover): the client asked for nothing, hears nothing
 
     def plan(
         self,
@@ -83,6 +88,8 @@ class Reset:
         if conv.response_requested or any(r not in self.refused for r in conv.conversation_responses()):
             self.phase = Phase.QUIETING
             return False
+        if self.swap:
+            return not self.outstanding
         if self.phase is Phase.QUIETING:
             self.phase = Phase.DELETING
             if self.request.clear_input_audio and not self.clear_sent:

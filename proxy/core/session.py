@@ -29,6 +29,9 @@ Rules:
   response ends the one before it. A cancelled `response.done` is credited to the first cancel sent that names
   it (a client's id-less cancel: any response not known to be out of band), unless its reason shows it was not
   a cancel (`turn_detected`: server VAD); every cancel of ours for a response that ended is settled either way.
+- A swap instead of deletes is not decided here: when :attr:`Session.hooks` is set (proxy/core/swap.py), it is
+  asked at each reset's start, told when a swap reset is quiet, shown every client `session.update` as it goes
+  upstream, and asked whether to hide a `session_expired` error (a rollover follows).
 - Late responses: after a reset, a conversation response that starts with no client `response.create`, no
   commit and no new speech since (an auto-response for input the reset removed) is cancelled, and its items
   are deleted as they appear.
@@ -45,11 +48,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from proxy.core.conversation import Conversation, Kind, names_item_create
 from proxy.core.errors import InvalidSyntheticEvent
 from proxy.core.events import (
+    AUDIO_APPEND,
     AUDIO_CLEAR,
     AUDIO_CLEARED,
     AUDIO_COMMIT,
@@ -80,6 +84,7 @@ from proxy.core.events import (
     RESPONSE_CREATED,
     RESPONSE_DONE,
     SESSION_CREATED,
+    SESSION_UPDATE,
     SPEECH_STARTED,
     SPEECH_STOPPED,
     TIMEOUT_TRIGGERED,
@@ -115,6 +120,7 @@ Frame = bytes | str  # text frames as bytes (UTF-8) or str; Binary for binary fr
 
 _TRACKED_CLIENT_EVENTS = frozenset({RESPONSE_CREATE, ITEM_CREATE, AUDIO_COMMIT})
 _CLIENT_INTERESTING = _TRACKED_CLIENT_EVENTS | {ITEM_DELETE, AUDIO_CLEAR, RESPONSE_CANCEL}
+_CLIENT_READ = _CLIENT_INTERESTING | {SESSION_UPDATE}  # session.update: only shown to the hooks
 # Upstream events that change what the core tracks; every other type is forwarded unread.
 _UPSTREAM_INTERESTING = frozenset(
     {
@@ -135,7 +141,6 @@ _UPSTREAM_INTERESTING = frozenset(
 # Codes an error with a null event_id may carry that name what failed (so no guess by order is made), and
 # codes that answer no command at all.
 _KNOWN_CODES = frozenset({CODE_ALREADY_ACTIVE, CODE_COMMIT_EMPTY, CODE_UNKNOWN_ITEM, CODE_CANCEL_NOT_ACTIVE})
-_NO_COMMAND_CODES = frozenset({CODE_SESSION_EXPIRED})
 # `status_details.reason` of a cancelled response that a cancel event did cause.
 _CANCEL_REASONS = frozenset({None, "client_cancelled"})
 # Servers that leave `code` null still say what failed: the API's wording for the codes we act on. The wording
@@ -250,6 +255,22 @@ class TaskEnded:
 Notice = ResetFinished | EventsRejected | Usage | UpstreamSession | LateResponse | TaskEnded
 
 
+class SwapHooks(Protocol):
+    """What the session asks of a swap controller (proxy/core/swap.py), and all it knows of one."""
+
+    def swap_wanted(self, request: ResetRequest) -> bool:
+        """A reset starts: True makes it a swap (quiet the old upstream, then move to another)."""
+
+    def swap_ready(self) -> None:
+        """The swap reset is quiet: the client may move now (called again on each later event until it does)."""
+
+    def client_session_update(self, event: Event) -> None:
+        """A client `session.update` is being sent upstream."""
+
+    def session_expired(self) -> bool:
+        """The upstream said `session_expired`: True hides the error (the controller rolls over)."""
+
+
 def _cancel_reason(response: Event) -> str | None:
     details = response.get("status_details")
     return str_or_none(details.get("reason")) if isinstance(details, dict) else None
@@ -263,6 +284,8 @@ class Session:
         self.reset: Reset | None = None
         self.upstream_session_id: str | None = None
         self.checkpoint: list[str] | None = None
+        self.hooks: SwapHooks | None = None
+        self.audio_pending = False  # audio appended since the last commit or clear
         self._to_upstream: list[Frame] = []
         self._to_client: list[Frame] = []
         self.notices: list[Notice] = []
@@ -294,7 +317,7 @@ class Session:
         self._client_delete_sent: dict[str, float] = {}  # item id → when its newest client delete was sent
         # (client event id, sent at, order) not answered yet
         self._client_clears: deque[tuple[str, float, int]] = deque()
-        self._client_interesting = _CLIENT_INTERESTING | self.config.reset_types | self.config.checkpoint_types
+        self._client_interesting = _CLIENT_READ | self.config.reset_types | self.config.checkpoint_types
         # After a reset: no client response.create, commit or new speech since (a response now is a late one).
         self._quiet_since_reset = False
         self._doomed: set[str] = set()  # late responses: cancelled, their items deleted as they appear
@@ -410,6 +433,8 @@ class Session:
             return
         sniffed = sniff_type(data)
         if sniffed is not None and sniffed not in self._client_interesting:
+            if sniffed == AUDIO_APPEND:
+                self.audio_pending = True
             self._to_upstream.append(data)  # an append or the like: nothing to read in it
             return
         event = decode(data)
@@ -428,6 +453,11 @@ class Session:
             return
         if etype in _CLIENT_INTERESTING:
             data = self._track_client_command(etype, event, data)
+        elif etype == SESSION_UPDATE:
+            if self.hooks is not None:
+                self.hooks.client_session_update(event)
+        elif etype == AUDIO_APPEND:
+            self.audio_pending = True
         self._to_upstream.append(data)
 
     def _track_client_command(self, etype: str, event: Event, data: Frame) -> Frame:
@@ -442,6 +472,8 @@ class Session:
         now = self._clock()
         self._order += 1
         if etype in _TRACKED_CLIENT_EVENTS:
+            if etype == AUDIO_COMMIT:
+                self.audio_pending = False
             self.conversation.on_client_event(etype, event, self._order)
             if etype != ITEM_CREATE:
                 self._quiet_since_reset = False  # the client asked for a response, or sent a new turn
@@ -455,6 +487,7 @@ class Session:
                     old_id, (old_item, _, _) = next(iter(self._client_delete_ids.items()))
                     self._client_delete_done(old_item, old_id)
         elif etype == AUDIO_CLEAR:
+            self.audio_pending = False
             self._client_clears.append((client_id, now, self._order))
         else:
             response_id = str_or_none(event.get("response_id"))
@@ -490,10 +523,13 @@ class Session:
         keep = set(request.keep_item_ids)
         if request.to == "checkpoint" and self.checkpoint is not None:
             keep.update(self.checkpoint)
-        self._begin_reset(request, frozenset(keep))
+        swap = self.hooks is not None and self.hooks.swap_wanted(request)
+        self._begin_reset(request, frozenset(keep), swap=swap)
 
-    def _begin_reset(self, request: ResetRequest, keep: Container[str]) -> None:
-        """Start a reset: a client's, or one the policy asked for (the same path either way)."""
+    def _begin_reset(
+        self, request: ResetRequest, keep: Container[str], *, swap: bool = False, silent: bool = False
+    ) -> None:
+        """Start a reset: a client's, one the policy asked for (always by deletes), or a rollover's (the same path)."""
         now = self._clock()
         self._prune(now)
         self._seq += 1
@@ -503,10 +539,30 @@ class Session:
             keep=keep,
             started_at=now,
             deadline=now + self.config.reset_timeout,
+            swap=swap,
+            silent=silent,
         )
         self.reset.refused.update(self._unstoppable)
         self.reset.stale.update(self._unstoppable)
         self._advance()
+
+    def begin_rollover(self) -> None:
+        """A swap of the proxy's own (the upstream ends): hold the client's events until the hooks move it."""
+        self._begin_reset(ResetRequest(event_id=None), frozenset(), swap=True, silent=True)
+
+    def swap_failed(self) -> None:
+        """No upstream to move to: the running swap reset deletes instead, as a delete reset would have."""
+        reset = self.reset
+        if reset is not None and reset.swap and not reset.silent:
+            reset.swap = False
+            self._advance()
+
+    def take_held(self) -> list[Frame]:
+        """The client frames held back, in order, for the session that takes over (this one is done)."""
+        held = list(self._held)
+        self._held.clear()
+        self._held_bytes = 0
+        return held
 
     def _invalid(self, exc: InvalidSyntheticEvent, event: Event) -> None:
         self._client_error(
@@ -550,6 +606,7 @@ class Session:
             self._deletes[target] = event_id
             self._to_upstream.append(delete_event(event_id, target))
         elif kind == "clear":
+            self.audio_pending = False
             self._clears.append(event_id)
             self._to_upstream.append(clear_event(event_id))
         else:
@@ -615,6 +672,10 @@ class Session:
         in_flight = _DeletesInFlight(self._deletes, self._client_delete_sent, self._clock() - self.config.reset_timeout)
         if not reset.plan(self.conversation, in_flight, self._send_command):
             return
+        if reset.swap:
+            assert self.hooks is not None  # only the hooks make a reset a swap
+            self.hooks.swap_ready()
+            return
         self._to_client.append(
             encode(
                 {
@@ -626,6 +687,7 @@ class Session:
                     "failed_item_ids": reset.failed,
                     "response_cancelled": reset.response_cancelled,
                     "duration_ms": round((self._clock() - reset.started_at) * 1000.0, 3),
+                    "strategy": "delete",
                     **self._task_fields(reset),
                 }
             )
@@ -789,6 +851,8 @@ class Session:
             internal = self._on_error(event)
         elif etype == RESPONSE_DONE:
             self._on_response_done(event)
+        elif etype == AUDIO_COMMITTED:
+            self.audio_pending = False  # server VAD committed the buffer
         elif etype in (SPEECH_STARTED, TIMEOUT_TRIGGERED):
             self._quiet_since_reset = False  # a new turn of audio: a response for it is no late one
         elif etype == SESSION_CREATED:
@@ -1017,8 +1081,8 @@ class Session:
                 if cmd is not None:
                     self._command_failed(oldest.event_id, cmd, code)
             return oldest.ours
-        if code in _NO_COMMAND_CODES:
-            return False
+        if code == CODE_SESSION_EXPIRED:  # answers no command: the session ends
+            return self.hooks is not None and self.hooks.session_expired()
         if code in _KNOWN_CODES or names_item_create(code):
             self.conversation.client_event_failed(None, code)  # the code names the kind: its oldest failed
             return False

@@ -27,7 +27,8 @@ What it models:
   (``cancelled``, reason ``client_cancelled``; the partial item stays); nothing to cancel →
   ``response_cancel_not_active``;
 - the session object (``session.created``; ``session.update`` merges partial objects in either generation's
-  spelling → ``session.updated``), and the session cap (``session_expired``, then a close with 1001);
+  spelling → ``session.updated``), and the session cap (``session_expired`` unless ``session_expired_error`` is
+  off, then a close with 1001 and OpenAI's reason);
 - unknown client event types → ``invalid_value`` on ``type`` (also listed in :attr:`Model.invalid_types`);
 - faults: ``stall_acks`` swallows deletes and clears; ``null_error_event_ids`` leaves ``error.event_id`` null.
 
@@ -116,7 +117,8 @@ class ModelConfig:
     null_error_event_ids: bool = False
     stall_acks: bool = False  # fault: deletes and clears are neither applied nor answered
     max_item_id_len: int = 32  # unconfirmed limit
-    session_max_s: float | None = None
+    session_max_s: float | None = None  # the session cap: close 1001 with OpenAI's reason this long after the start
+    session_expired_error: bool = True  # at the cap, an `error` session_expired first (some versions send none)
     transcription_delay_s: float = 1.0  # late_auto_response: commit → response.created
     idle_timeout_s: float = 5.0  # idle_timeout, unless turn_detection.idle_timeout_ms says otherwise
 
@@ -331,8 +333,10 @@ class Model:
 
     def _expire(self) -> None:
         minutes = 30 if self.generation == "beta" else 60
-        self._emit_error("session_expired", f"Your session hit the maximum duration of {minutes} minutes.", None, None)
-        self.close_request = (1001, "session expired")
+        reason = f"Your session hit the maximum duration of {minutes} minutes."
+        if self.config.session_expired_error:
+            self._emit_error("session_expired", reason, None, None)
+        self.close_request = (1001, reason)
 
     # --- output -------------------------------------------------------------------------------------
 

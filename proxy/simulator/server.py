@@ -49,6 +49,7 @@ class SimulatorConfig:
     require_model: bool = True  # reject a handshake whose query has no model/call_id/deployment with 400
     max_item_id_len: int = 32  # client item ids longer than this are refused (unconfirmed limit)
     session_max_s: float | None = None  # when set: error `session_expired`, then close 1001, like the cap
+    session_expired_error: bool = True  # False: at the cap only the close, as some API versions do
     model: str = "gpt-realtime"  # reported when the query names no model
     # Quirks of real servers (proxy.simulator.model.QUIRKS), each off unless named here.
     quirks: Iterable[str] = field(default_factory=frozenset)

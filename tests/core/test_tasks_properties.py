@@ -57,6 +57,8 @@ STEPS = {
     "to_core": 7,
     "server": 5,
 }
+
+
 class Harness:
     def __init__(self, policy: Policy, draw_policy: Policy) -> None:
         self.clock = FakeClock()

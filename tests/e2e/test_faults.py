@@ -93,7 +93,7 @@ async def test_session_expired_mid_reset_reaches_the_client_then_closes(make_sta
     await upstream.wait_until(deletes_seen(1))
     error = await client.until("error")
     assert error["error"]["code"] == "session_expired"
-    assert await closed_with(client) == (1001, "session expired")
+    assert await closed_with(client) == (1001, "Your session hit the maximum duration of 60 minutes.")
     await settled(stack.proxy)
     assert live_objects() == (0, 0, 0)
 

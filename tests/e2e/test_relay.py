@@ -111,9 +111,12 @@ async def test_upstream_close_code_and_reason_pass_through(make_stack: StackFact
 
 
 async def test_session_expired_error_then_close_reaches_the_client(make_stack: StackFactory) -> None:
-    """The upstream's session_expired error is forwarded, then its 1001 close."""
-    stack = await make_stack(sim=SimulatorConfig(session_max_s=0.2))
+    """With items in the conversation (no rollover) the upstream's session_expired error is forwarded, then its 1001
+    close."""
+    stack = await make_stack(sim=SimulatorConfig(session_max_s=0.3))
     client, _ = await stack.client()
+    await client.send(item_event("keep me"))
+    await client.until("conversation.item.added")
     error = await client.until("error")
     assert error["error"]["code"] == "session_expired"
     with pytest.raises(ConnectionClosed) as info:

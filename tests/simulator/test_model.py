@@ -132,8 +132,17 @@ def test_session_cap_sends_session_expired_then_asks_for_a_close() -> None:
     model.advance(61.0)
     (error,) = take(model)
     assert error["error"]["code"] == "session_expired" and error["error"]["event_id"] is None
-    assert model.close_request == (1001, "session expired")
+    assert error["error"]["message"] == "Your session hit the maximum duration of 60 minutes."
+    assert model.close_request == (1001, "Your session hit the maximum duration of 60 minutes.")
     assert model.next_deadline is None
+
+
+def test_session_cap_without_the_error_only_closes() -> None:
+    """With session_expired_error off the cap sends nothing and asks for the close with OpenAI's reason alone."""
+    model = make(session_max_s=60.0, session_expired_error=False)
+    model.advance(61.0)
+    assert take(model) == []
+    assert model.close_request == (1001, "Your session hit the maximum duration of 60 minutes.")
 
 
 # --- quirks ---------------------------------------------------------------------------------------------
