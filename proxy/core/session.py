@@ -323,6 +323,7 @@ class Session:
         self._doomed: set[str] = set()  # late responses: cancelled, their items deleted as they appear
         self._unstoppable: set[str] = set()  # responses a timed-out reset could not stop
         self._doomed_items: dict[str, None] = {}
+        self._unwanted: set[str] = set()  # out-of-band responses across a reset: their items must not stay
         # Tasks (usage.py, policy.py): the usage sums, the auto-reset policy, and its two synthetic events.
         self._client_interesting |= self.config.usage_types | self.config.policy_types
         self.usage = UsageBook()
@@ -488,7 +489,9 @@ class Session:
                     self._client_delete_done(old_item, old_id)
         elif etype == AUDIO_CLEAR:
             self.audio_pending = False
-            self._client_clears.append((client_id, now, self._order))
+            self._client_clears.append((client_id, now, self._order))  # kept, unawaited, until answered
+            if len(self._client_clears) > _MAX_LATE:
+                self._client_clears.popleft()
         else:
             response_id = str_or_none(event.get("response_id"))
             self._add_cancel(_Cancel(client_id, response_id, False, now, self._order))
@@ -598,6 +601,12 @@ class Session:
         event_id = self._new_id(command=True)
         now = self._clock()
         self._order += 1
+        if kind == "cancel" and reset is not None and target in reset.stale:
+            # A response an earlier reset waited for in vain: cancelled again, but its answer is not awaited
+            # (known as ours should it come; a not-active error or its response.done ends it).
+            self._add_cancel(_Cancel(event_id, target, True, now, self._order, settled=True))
+            self._to_upstream.append(cancel_event(event_id, target))
+            return
         self._commands[event_id] = Command(kind, target, reset.seq if reset is not None else 0, now, self._order)
         if reset is not None:
             reset.outstanding.add(event_id)
@@ -629,8 +638,6 @@ class Session:
         """Forget what no answer is coming for any more: everything sent longer than `reset_timeout` ago."""
         self.conversation.prune(now)
         cutoff = now - self.config.reset_timeout
-        while self._client_clears and self._client_clears[0][1] <= cutoff:
-            self._client_clears.popleft()
         for entry in self._cancel_fifo:
             if entry.ours and not entry.settled and entry.sent_at <= cutoff:
                 # Stop waiting for it, but keep it (bounded) so that its late error is still known as ours.
@@ -702,8 +709,18 @@ class Session:
         trimmed = self._end_task(reset)
         self.reset = None
         self._refusing = False
-        # After a trim the input a response may still be on its way for is there: a response then is no late one.
-        self._quiet_since_reset = not trimmed
+        # A response after the reset is late only if a reset removed input it could be for: not after a trim
+        # (the input is there); a reset that deleted, cleared and cancelled nothing changes nothing.
+        if trimmed:
+            self._quiet_since_reset = False
+        elif reset.deleted or reset.clear_sent or reset.cancelled_responses:
+            self._quiet_since_reset = True
+        if outcome == "completed":
+            # An out-of-band response that runs on through the reset: should its item enter the conversation
+            # (the server ignored `conversation: "none"`), it goes, as a late response's do.
+            self._unwanted.update(
+                rid for rid, kind in self.conversation.active_responses.items() if kind is Kind.OUT_OF_BAND
+            )
         self._release()
 
     def handle_timeout(self) -> None:
@@ -853,6 +870,7 @@ class Session:
             self._on_response_done(event)
         elif etype == AUDIO_COMMITTED:
             self.audio_pending = False  # server VAD committed the buffer
+            self._quiet_since_reset = False  # new audio committed: a response for it is no late one
         elif etype in (SPEECH_STARTED, TIMEOUT_TRIGGERED):
             self._quiet_since_reset = False  # a new turn of audio: a response for it is no late one
         elif etype == SESSION_CREATED:
@@ -868,8 +886,10 @@ class Session:
         elif etype == OUTPUT_ITEM_ADDED or (self._doomed_items and etype in ITEM_EVENTS):
             item = event.get("item")
             item_id = str_or_none(item.get("id")) if isinstance(item, dict) else None
-            if etype == OUTPUT_ITEM_ADDED and str_or_none(event.get("response_id")) in self._doomed:
-                self._doom_item(item_id)
+            if etype == OUTPUT_ITEM_ADDED:
+                by = str_or_none(event.get("response_id"))
+                if by in self._doomed or by in self._unwanted:
+                    self._doom_item(item_id)
             self._delete_doomed(item_id)
         if not internal or self.config.forward_internal_events:
             self._to_client.append(data)
@@ -907,6 +927,15 @@ class Session:
         self._answered(event_id, cmd)
         return True
 
+    def _oldest_deleted_item(self) -> str | None:
+        """The item of the oldest delete with no answer yet, whoever's (a "no such item" error quoting no id)."""
+        heads: list[tuple[int, str]] = [(entry[0][0], item_id) for item_id, entry in self._late_deletes.items()]
+        if self._client_delete_ids:
+            item_id, _, order = next(iter(self._client_delete_ids.values()))
+            heads.append((order, item_id))
+        heads.extend((self._commands[event_id].order, item_id) for item_id, event_id in self._deletes.items())
+        return min(heads)[1] if heads else None
+
     def _whose_delete(self, item_id: str) -> Literal["client", "ours", "late"] | None:
         """Deletes are answered in the order sent: whose is the oldest delete of `item_id` still awaiting one."""
         candidates: list[tuple[int, Literal["client", "ours", "late"]]] = []
@@ -923,8 +952,11 @@ class Session:
 
     def _confirm_deleted(self, item_id: str) -> None:
         if self.reset is not None and item_id not in self.reset.keep:
-            # Confirmed while this reset runs, even if an earlier reset or a clean-up sent the delete.
+            # Confirmed while this reset runs, even if an earlier reset or a clean-up sent the delete, or an error
+            # was taken (by order, a guess) for its failure.
             self.reset.deleted.append(item_id)
+            if item_id in self.reset.failed:
+                self.reset.failed.remove(item_id)
 
     def _client_delete_done(self, item_id: str, client_event_id: str | None) -> None:
         """One of the client's deletes of `item_id` (one is in flight) was answered: the one named, else the oldest."""
@@ -1036,6 +1068,12 @@ class Session:
                 self._cancel_answered(entry.event_id, cancelled=False)
         self._doomed.discard(rid)
         self._unstoppable.discard(rid)
+        self._unwanted.discard(rid)
+
+    def _not_running(self, rid: str | None) -> None:
+        """A not-active error for a cancel naming `rid`: evidence that the response is over."""
+        if rid is not None and self.conversation.end_response(rid):
+            self._response_over(rid)
 
     def _cancel_answered(self, event_id: str, *, cancelled: bool) -> None:
         cmd = self._commands.pop(event_id)  # an unsettled cancel of ours is always still a command
@@ -1068,7 +1106,8 @@ class Session:
         # No event id: the server left it null. Attribute by code and by the id quoted in the message.
         if code == CODE_UNKNOWN_ITEM:
             match = _QUOTED_ID.search(message)
-            ours = self._unknown_item(match.group(1)) if match else None
+            item_id = match.group(1) if match else self._oldest_deleted_item()
+            ours = self._unknown_item(item_id) if item_id is not None else None
             if ours is not None:
                 return ours
         if code == CODE_CANCEL_NOT_ACTIVE:
@@ -1080,6 +1119,8 @@ class Session:
                 cmd = self._commands.pop(oldest.event_id, None)
                 if cmd is not None:
                     self._command_failed(oldest.event_id, cmd, code)
+                else:
+                    self._not_running(oldest.response_id)
             return oldest.ours
         if code == CODE_SESSION_EXPIRED:  # answers no command: the session ends
             return self.hooks is not None and self.hooks.session_expired()
@@ -1127,6 +1168,10 @@ class Session:
             event_id, cmd = next(iter(self._commands.items()))
             del self._commands[event_id]
             self._command_failed(event_id, cmd, code)
+            if cmd.kind == "delete" and cmd.target is not None:
+                # Only a guess (a spontaneous server_error reads the same): should its ack still come, it is ours
+                # and the item is deleted after all.
+                self._late_deletes.setdefault(cmd.target, []).append((cmd.order, event_id))
             return True
         elif whose == "late_delete":
             self._late_answer(min(late)[1])
@@ -1161,7 +1206,9 @@ class Session:
         if cmd is not None:
             self._command_failed(ref, cmd, code)
             return True
-        self._cancel_entry(ref)
+        cancel = self._cancel_entry(ref)
+        if cancel is not None and code == CODE_CANCEL_NOT_ACTIVE:
+            self._not_running(cancel.response_id)  # a settled cancel of ours, or the client's
         if ref.startswith(self._command_prefix):
             self._late_named(ref)
             return True  # ours: a settled cancel's late error, or a command we had stopped waiting for

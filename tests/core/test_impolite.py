@@ -156,7 +156,7 @@ def test_a_replaced_response_of_unknown_kind_ends_when_a_requested_one_starts() 
 def test_a_response_replaced_unseen_holds_one_reset_until_its_timeout_and_the_next_not_at_all() -> None:
     """No conversation_id, and the replacement started by the server itself (no request to pair it with): the
     core cannot tell the old response is over. The reset that waits for it times out; the next one does not wait
-    for it (it cancels it again, if asked) and completes at once."""
+    for it (it cancels it again, if asked, without awaiting the answer) and completes at once."""
     p = Play(reset_timeout=10.0)
     p.client({"type": "response.create", "event_id": "c1"})
     p.upstream({"type": "response.created", "response": {"id": "r1", "status": "in_progress"}})
@@ -174,10 +174,11 @@ def test_a_response_replaced_unseen_holds_one_reset_until_its_timeout_and_the_ne
         {"type": "session.reset", "event_id": "x2", "cancel_response": False, "clear_input_audio": False}
     )
     assert up == [] and reset_completed(down)["reset_event_id"] == "x2"
-    up, _ = p.client({"type": "session.reset", "event_id": "x3", "clear_input_audio": False})
-    assert [(e["type"], e["response_id"]) for e in up] == [("response.cancel", "r1")]
-    _, down = p.error("response_cancel_not_active", NULL, "Cancellation failed: no active response found with id 'r1'.")
+    up, down = p.client({"type": "session.reset", "event_id": "x3", "clear_input_audio": False})
+    assert [(e["type"], e["response_id"]) for e in up] == [("response.cancel", "r1")]  # not awaited
     assert reset_completed(down)["reset_event_id"] == "x3"
+    _, down = p.error("response_cancel_not_active", NULL, "Cancellation failed: no active response found with id 'r1'.")
+    assert down == [] and p.session.conversation.conversation_responses() == []  # ours; r1 is over
 
 
 def test_a_replacement_settles_our_cancel_for_the_replaced_response() -> None:
@@ -643,7 +644,8 @@ def test_the_proxys_event_ids_carry_a_random_per_session_prefix() -> None:
 
 
 def late_response_with_item(p: Play, rid: str = "late", item_id: str = "o1") -> dict[str, object]:
-    """A reset, then a late response with one output item; returns our clean-up delete for it."""
+    """A reset that removes the turn, then a late response with one output item; returns our clean-up delete."""
+    p.items("turn")
     up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
     p.ack_all(up)
     p.response_created(rid)
@@ -682,6 +684,7 @@ def test_a_clean_up_delete_unanswered_past_the_timeout_is_sent_again_by_the_next
 def test_clean_up_commands_refused_are_hidden_and_touch_no_reset() -> None:
     """The server refuses our clean-up cancel and delete: both errors are ours, the item stays, nothing fails."""
     p = Play()
+    p.items("turn")
     up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
     p.ack_all(up)
     (cancel,), _ = p.response_created("late")
@@ -718,6 +721,7 @@ def test_a_clean_up_cancel_unanswered_past_the_timeout_stops_being_awaited_but_s
     """Our clean-up cancel nobody answers ages out when the next reset starts (which cancels again); the done
     that finally comes is the first cancel's, and the second cancel's not-active error stays hidden."""
     p = Play(reset_timeout=5.0)
+    p.items("turn")
     up, _ = p.client({"type": "session.reset", "clear_input_audio": False})
     p.ack_all(up)
     (cancel,), _ = p.response_created("late")
