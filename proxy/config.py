@@ -74,6 +74,7 @@ LogFormat = Literal["auto", "json", "console"]
 
 
 UpstreamAuth = Literal["bearer", "api-key"]
+RelayEngine = Literal["aiohttp", "protocol"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,11 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayConfig:
+    engine: RelayEngine = "aiohttp"
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: LogLevel = "info"
     format: LogFormat = "auto"
@@ -139,6 +145,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     reset: ResetConfig = field(default_factory=ResetConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def session_config(self) -> SessionConfig:

@@ -249,39 +249,7 @@ class Relay:
         return self.session.held_total
 
     def _note(self, notices: list[Notice]) -> None:
-        """Logs and metrics for what the core reported; rare events, off the per-frame path."""
-        metrics = self.metrics
-        for notice in notices:
-            if isinstance(notice, UpstreamSession):
-                self.log = self.log.bind(upstream_session=notice.session_id)
-            elif isinstance(notice, Usage):
-                if metrics is not None:
-                    metrics.tokens.labels("input").inc(notice.input_tokens)
-                    metrics.tokens.labels("cached").inc(notice.cached_tokens)
-                    metrics.tokens.labels("output").inc(notice.output_tokens)
-            elif isinstance(notice, ResetFinished):
-                self.stats.resets += 1
-                outcome = "partial" if notice.outcome == "completed" and notice.failed else notice.outcome
-                if notice.outcome == "timed_out":
-                    self.stats.resets_timed_out += 1
-                if metrics is not None:
-                    metrics.resets.labels(outcome).inc()
-                    metrics.reset_seconds.observe(notice.duration_ms / 1000.0)
-                    metrics.items_deleted.inc(notice.deleted)
-                self.log.info(
-                    "reset",
-                    outcome=outcome,
-                    duration_ms=round(notice.duration_ms, 3),
-                    items_deleted=notice.deleted,
-                    items_failed=notice.failed,
-                    response_cancelled=notice.cancelled_response,
-                )
-            elif isinstance(notice, LateResponse):
-                self.log.info("late_response_cancelled", response_id=notice.response_id)
-            elif isinstance(notice, EventsRejected):
-                if metrics is not None:
-                    metrics.events_rejected.inc(notice.count)
-                self.log.warning("events_rejected", count=notice.count, reason="held event limit")
+        self.log = note_notices(self.log, self.stats, self.metrics, notices)
 
     # --- closing ----------------------------------------------------------------------------------
 
@@ -349,3 +317,42 @@ async def _send_all(ws: web.WebSocketResponse[bool] | ClientWebSocketResponse[bo
             await ws.send_frame(frame.encode(), WSMsgType.TEXT)
         else:
             await ws.send_frame(frame, WSMsgType.TEXT)
+
+
+def note_notices(
+    log: structlog.stdlib.BoundLogger, stats: RelayStats, metrics: Metrics | None, notices: list[Notice]
+) -> structlog.stdlib.BoundLogger:
+    """Logs and metrics for what the core reported (both engines); rare events, off the per-frame path. Returns
+    the connection's logger, bound to the upstream session's id once it is known."""
+    for notice in notices:
+        if isinstance(notice, UpstreamSession):
+            log = log.bind(upstream_session=notice.session_id)
+        elif isinstance(notice, Usage):
+            if metrics is not None:
+                metrics.tokens.labels("input").inc(notice.input_tokens)
+                metrics.tokens.labels("cached").inc(notice.cached_tokens)
+                metrics.tokens.labels("output").inc(notice.output_tokens)
+        elif isinstance(notice, ResetFinished):
+            stats.resets += 1
+            outcome = "partial" if notice.outcome == "completed" and notice.failed else notice.outcome
+            if notice.outcome == "timed_out":
+                stats.resets_timed_out += 1
+            if metrics is not None:
+                metrics.resets.labels(outcome).inc()
+                metrics.reset_seconds.observe(notice.duration_ms / 1000.0)
+                metrics.items_deleted.inc(notice.deleted)
+            log.info(
+                "reset",
+                outcome=outcome,
+                duration_ms=round(notice.duration_ms, 3),
+                items_deleted=notice.deleted,
+                items_failed=notice.failed,
+                response_cancelled=notice.cancelled_response,
+            )
+        elif isinstance(notice, LateResponse):
+            log.info("late_response_cancelled", response_id=notice.response_id)
+        elif isinstance(notice, EventsRejected):
+            if metrics is not None:
+                metrics.events_rejected.inc(notice.count)
+            log.warning("events_rejected", count=notice.count, reason="held event limit")
+    return log

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -14,12 +16,32 @@ import pytest
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 
-from proxy.config import LoggingConfig, config_from_dict
+from proxy.config import LoggingConfig, RelayConfig, RelayEngine, config_from_dict
 from proxy.logs import configure_logging
 from proxy.server import ProxyServer
 from proxy.simulator import SimSession, Simulator, SimulatorConfig
 
 Event = dict[str, Any]
+
+# The relay engine every proxy of this suite runs on, unless a test names one: RRP_RELAY_ENGINE=protocol runs
+# the whole suite over proxy/wire.py.
+ENGINE: RelayEngine | None = os.environ.get("RRP_RELAY_ENGINE") or None  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True)
+def relay_engine(monkeypatch: pytest.MonkeyPatch) -> RelayEngine:
+    """Proxies started with the default [relay] run on ENGINE instead (a test that sets the key keeps its own)."""
+    if ENGINE is None:
+        return RelayConfig().engine
+    original = ProxyServer.__init__
+
+    def init(self: ProxyServer, config: Any, *args: Any, **kwargs: Any) -> None:
+        if config.relay == RelayConfig():
+            config = dataclasses.replace(config, relay=RelayConfig(engine=ENGINE))
+        original(self, config, *args, **kwargs)
+
+    monkeypatch.setattr(ProxyServer, "__init__", init)
+    return ENGINE
 
 
 class Client:
