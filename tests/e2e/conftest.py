@@ -26,6 +26,7 @@ Event = dict[str, Any]
 # The relay engine every proxy of this suite runs on, unless a test names one: RRP_RELAY_ENGINE=protocol runs
 # the whole suite over proxy/wire.py.
 ENGINE: RelayEngine | None = os.environ.get("RRP_RELAY_ENGINE") or None  # type: ignore[assignment]
+_ENGINE_NAMED: set[int] = set()  # ids of configs whose test named an engine: ENGINE does not replace it
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,7 @@ def relay_engine(monkeypatch: pytest.MonkeyPatch) -> RelayEngine:
     original = ProxyServer.__init__
 
     def init(self: ProxyServer, config: Any, *args: Any, **kwargs: Any) -> None:
-        if config.relay == RelayConfig():
+        if config.relay == RelayConfig() and id(config) not in _ENGINE_NAMED:
             config = dataclasses.replace(config, relay=RelayConfig(engine=ENGINE))
         original(self, config, *args, **kwargs)
 
@@ -102,6 +103,8 @@ async def make_stack() -> AsyncIterator[StackFactory]:
             simulator = await stack.enter_async_context(Simulator(sim or SimulatorConfig(delta_interval_s=0.002)))
             upstream = {"url": simulator.url + url_suffix, **sections.pop("upstream", {})}
             config = config_from_dict({"listen": {"port": 0}, "upstream": upstream, **sections})
+            if "relay" in sections:
+                _ENGINE_NAMED.add(id(config))
             proxy = await stack.enter_async_context(ProxyServer(config))
             return Stack(simulator, proxy, stack)
 
