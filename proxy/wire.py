@@ -36,7 +36,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -158,8 +158,7 @@ class _UpstreamSide(asyncio.Protocol):
         next(self._parser)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
         if self.relay is not None:
@@ -298,12 +297,11 @@ async def upgrade(request: web.Request, subprotocol: str | None) -> tuple[web.St
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away during the upgrade")
-    assert isinstance(transport, asyncio.Transport)
     http = request.protocol
     # What the client sent after its request (aiohttp keeps it for the frame reader it did not get).
     tail = bytes(http._message_tail)
     http._message_tail = b""
-    return ws, transport, tail
+    return ws, cast(asyncio.Transport, transport), tail
 
 
 class WireRelay:
