@@ -126,7 +126,13 @@ async def _run(plan: Plan, only: set[str], use_nginx: bool, workdir: Path, wait_
         echo_base = f"ws://127.0.0.1:{echo_port}/v1/realtime"
         proxy = await start_proxy(workdir, "proxy", echo_base)
         services.append(proxy)
-        targets = [Target("direct", echo_base + "?model=gpt-realtime", None), Target("proxy", proxy.url(), proxy)]
+        wire = await start_proxy(workdir, "wire", echo_base, engine="protocol")
+        services.append(wire)
+        targets = [
+            Target("direct", echo_base + "?model=gpt-realtime", None),
+            Target("proxy", proxy.url(), proxy),
+            Target("wire", wire.url(), wire),
+        ]
         if nginx:
             try:
                 ngx = await start_nginx(nginx, workdir, echo_port)
@@ -139,7 +145,7 @@ async def _run(plan: Plan, only: set[str], use_nginx: bool, workdir: Path, wait_
                 targets.append(Target("nginx", ngx.url(), ngx))
         log(
             f"upstream pid {upstream.pid} (echo :{echo_port}, simulator :{sim_port}); proxy pid {proxy.pid} "
-            f":{proxy.port}"
+            f":{proxy.port}; wire (protocol engine) pid {wire.pid} :{wire.port}"
             + (
                 f"; nginx pid {targets[-1].service.pid} :{targets[-1].service.port}"
                 if nginx and targets[-1].service

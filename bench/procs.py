@@ -203,8 +203,9 @@ async def start_upstream(workdir: Path, sim_delay: float) -> Service:
     return Service("upstream", proc, ports["echo"], log_path, extra=ports)
 
 
-async def start_proxy(workdir: Path, name: str, upstream_url: str) -> Service:
-    """`python -m proxy --config <toml>` on a port chosen here (the CLI does not report the one it picks)."""
+async def start_proxy(workdir: Path, name: str, upstream_url: str, engine: str = "aiohttp") -> Service:
+    """`python -m proxy --config <toml>` on a port chosen here (the CLI does not report the one it picks), on
+    the relay `engine` given ([relay] engine)."""
     port = free_port()
     config = workdir / f"{name}.toml"
     config.write_text(
@@ -212,6 +213,7 @@ async def start_proxy(workdir: Path, name: str, upstream_url: str) -> Service:
         # one worker: the targets are for a single proxy process, and /proc is read for this one pid
         f'[listen]\nhost = "{HOST}"\nport = {port}\nworkers = 1\n\n'
         f'[upstream]\nurl = "{upstream_url}"\n\n'
+        f'[relay]\nengine = "{engine}"\n\n'
         # Production settings: info-level JSON lines (one per connection open/close and per reset).
         '[logging]\nlevel = "info"\nformat = "json"\n',
         encoding="utf-8",

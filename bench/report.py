@@ -21,7 +21,10 @@ RSS_KIB = 64.0
 RESET_ITEMS = 1000
 RESET_SLACK_MS = 20.0  # a 1,000-item reset within 2 x the one-way delay + 20 ms
 
-NAMES = ("direct", "proxy", "nginx")
+# "proxy" is the proxy on its default relay engine ([relay] engine = "aiohttp"); "wire" the same proxy on the
+# Protocol engine (engine = "protocol", proxy/wire.py). The targets' "met?" column judges "proxy".
+NAMES = ("direct", "proxy", "wire", "nginx")
+HEADERS = {"direct": "direct", "proxy": "proxy (aiohttp)", "wire": "proxy (protocol)", "nginx": "nginx"}
 
 
 @dataclass
@@ -32,16 +35,17 @@ class Row:
     nginx: str = "—"
     target: str = ""
     met: bool | None = None
+    wire: str = "—"
 
     @classmethod
     def of(cls, metric: str, values: Any, target: str = "", met: bool | None = None) -> Row:
-        """A row from the three target cells in NAMES order."""
-        direct, proxy, nginx = values
-        return cls(metric, direct, proxy, nginx, target, met)
+        """A row from the target cells in NAMES order."""
+        direct, proxy, wire, nginx = values
+        return cls(metric, direct, proxy, nginx, target, met, wire)
 
     def cells(self) -> list[str]:
         met = "" if self.met is None else ("yes" if self.met else "**no**")
-        return [self.metric, self.direct, self.proxy, self.nginx, self.target, met]
+        return [self.metric, self.direct, self.proxy, self.wire, self.nginx, self.target, met]
 
 
 def _num(x: Any, fmt: str = "{:,.0f}") -> str:
@@ -89,6 +93,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     _signed(_get(res, "nginx", f"added_{q}")),
                     f"≤ {limit:.0f}" if small else "",
                     _ok(added, lambda x, lim=limit: x <= lim) if small else None,
+                    _signed(_get(res, "wire", f"added_{q}")),
                 )
             )
     tput = results.get("throughput") or {}
@@ -129,6 +134,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 rss("nginx"),
                 f"≤ {RSS_KIB:.0f}",
                 None if _get(mem, "proxy", "error") else _ok(per, lambda x: x <= RSS_KIB),
+                rss("wire"),
             )
         )
     rst = results.get("reset")
@@ -169,7 +175,7 @@ def _concurrency_rows(conc: dict[str, Any]) -> list[Row]:
         )
     # CPU at the largest step each relay was measured at without failing (else its first step)
     cpu: dict[str, str] = {}
-    for name in ("proxy", "nginx"):
+    for name in ("proxy", "wire", "nginx"):
         good = [s for s in steps if _get(s, name, "ok")] or [s for s in steps if name in s]
         if good:
             s = good[-1]
@@ -177,7 +183,9 @@ def _concurrency_rows(conc: dict[str, Any]) -> list[Row]:
             per_frame = _get(s, name, "cpu_us_per_frame")
             if share is not None:
                 cpu[name] = f"{100 * share:.2f} % ({per_frame:.0f} µs/frame, N = {s['n']})"
-    out.append(Row("CPU per real-time session (% of a core)", "—", cpu.get("proxy", "—"), cpu.get("nginx", "—")))
+    out.append(
+        Row.of("CPU per real-time session (% of a core)", ["—", *(cpu.get(n, "—") for n in NAMES[1:])]),
+    )
     return out
 
 
@@ -219,7 +227,8 @@ def _reset_rows(rst: dict[str, Any]) -> list[Row]:
 
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
-    table = [["Metric", "direct", "proxy", "nginx", "target", "met?"], ["---", "---:", "---:", "---:", "---", "---"]]
+    table = [["Metric", *(HEADERS[n] for n in NAMES), "target", "met?"]]
+    table.append(["---", *(["---:"] * len(NAMES)), "---", "---"])
     table += [r.cells() for r in rows(results)]
     lines = [f"# Benchmark: {meta['mode']} run, {meta['finished']}", ""]
     if meta.get("noisy"):
@@ -318,7 +327,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -r bench/requirements.txt)"
-    colors = {"direct": "#444444", "proxy": "#d62728", "nginx": "#1f77b4"}
+    colors = {"direct": "#444444", "proxy": "#d62728", "wire": "#2ca02c", "nginx": "#1f77b4"}
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     meta = results["meta"]
     noisy = ", NOISY: other jobs were running" if meta.get("noisy") else ""
@@ -344,9 +353,9 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     ax = axes[0][1]
     tput = results.get("throughput") or {}
     sizes = [s for s in ("1.3KB", "100KB") if s in tput]
-    width = 0.25
+    width = 0.8 / len(NAMES)
     for i, name in enumerate(NAMES):
-        xs = [j + (i - 1) * width for j in range(len(sizes))]
+        xs = [j + (i - (len(NAMES) - 1) / 2) * width for j in range(len(sizes))]
         vals = [_get(tput, s, name, "ratio") for s in sizes]
         if any(v is not None for v in vals):
             bars = ax.bar(xs, [v or 0 for v in vals], width, color=colors[name], label=name)

@@ -301,7 +301,7 @@ async def upgrade(request: web.Request, subprotocol: str | None) -> tuple[web.St
     # What the client sent after its request (aiohttp keeps it for the frame reader it did not get).
     tail = bytes(http._message_tail)
     http._message_tail = b""
-    return ws, cast(asyncio.Transport, transport), tail
+    return ws, transport, tail
 
 
 class WireRelay:
@@ -415,20 +415,34 @@ class WireRelay:
     # --- reads --------------------------------------------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
-        self._guard(self._client_read, data)
+        try:
+            self._client_read(data)
+        except Exception as exc:  # a fault of ours: said loudly, never swallowed
+            self._fault(exc)
+        self.upstream.flush()
+        self.client.flush()
 
     def upstream_data(self, data: bytes) -> None:
         self._upstream_heard = True
-        self._guard(self._upstream_read, data)
+        try:
+            self._upstream_read(data)
+        except Exception as exc:
+            self._fault(exc)
+        self.client.flush()
+        self.upstream.flush()
 
     def _guard(self, step: Any, *args: Any) -> None:
         """Run one step of ours; a fault in it is logged with its traceback and closes both sides with 1011."""
         try:
             step(*args)
         except Exception as exc:  # a fault of ours: said loudly, never swallowed
-            self.log.error("relay_fault", exc_info=exc)
-            self._close_both(1011, _INTERNAL, 1011, _INTERNAL)
+            self._fault(exc)
         self._flush()
+
+    def _fault(self, exc: Exception) -> None:
+        """A bug or fault of ours: logged with its traceback, and both sides closed with 1011 (internal error)."""
+        self.log.error("relay_fault", exc_info=exc)
+        self._close_both(1011, _INTERNAL, 1011, _INTERNAL)
 
     def _client_read(self, data: bytes) -> None:
         side = self.client
@@ -446,7 +460,8 @@ class WireRelay:
             assert failure is not None
             self.stats.client_close_code = failure.code
             self._close_both(failure.code, failure.reason, failure.code, _CLIENT_CLOSED)
-        self._update_reading()
+        if self._stash_bytes > STASH_PAUSE_BYTES:
+            self._update_reading()
 
     def _feed_client(self, frames: Sequence[WireFrame], i: int, nbytes: int) -> None:
         """Feed client frames from `i` while the core takes them; stash the rest once it pauses."""
@@ -517,7 +532,8 @@ class WireRelay:
             self.log.info("upstream_protocol_error", code=failure.code, reason=failure.reason)
             reason = "upstream broke the protocol: " + failure.reason
             self._close_both(BAD_GATEWAY, reason, failure.code, failure.reason)
-        self._resume_client_feed()
+        if self._stash:
+            self._resume_client_feed()
 
     def _upstream_frame(self, frame: WireFrame) -> None:
         opcode = frame.opcode
