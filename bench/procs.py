@@ -289,3 +289,48 @@ async def start_nginx(binary: str, workdir: Path, upstream_port: int, name: str 
         await service.stop()
         raise
     return service
+
+
+async def start_naive(workdir: Path, upstream_url: str) -> Service:
+    """The naive aiohttp relay (bench/naive.py): parses nothing, an anchor for what plain forwarding costs."""
+    port = free_port()
+    log_path = workdir / "naive.log"
+    proc = await _spawn(
+        [sys.executable, "-m", "bench.naive", "--port", str(port), "--upstream", upstream_url], log_path
+    )
+    service = Service("naive", proc, port, log_path)
+    try:
+        await wait_listening(service)
+    except BaseException:
+        await service.stop()
+        raise
+    return service
+
+
+WS_MODULES = REPO / "tests" / "js" / "node_modules"
+
+
+def node_relay_missing() -> str | None:
+    """Why the Node `ws` relay cannot run here, or None."""
+    if shutil.which("node") is None:
+        return "no `node` on PATH"
+    if not (WS_MODULES / "ws").is_dir():
+        return f"{WS_MODULES / 'ws'} is missing: run `make js`"
+    return None
+
+
+async def start_node_relay(workdir: Path, upstream_url: str) -> Service:
+    """The Node `ws` relay (bench/ws_relay.mjs), with ws from tests/js (`make js`)."""
+    port = free_port()
+    log_path = workdir / "node.log"
+    node = shutil.which("node") or "node"
+    script = str(REPO / "bench" / "ws_relay.mjs")
+    os.environ["WS_MODULES"] = str(WS_MODULES)  # inherited by the child: where its `ws` is
+    proc = await _spawn([node, script, str(port), upstream_url], log_path)
+    service = Service("node", proc, port, log_path)
+    try:
+        await wait_listening(service)
+    except BaseException:
+        await service.stop()
+        raise
+    return service

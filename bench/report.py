@@ -22,9 +22,17 @@ RESET_ITEMS = 1000
 RESET_SLACK_MS = 20.0  # a 1,000-item reset within 2 x the one-way delay + 20 ms
 
 # "proxy" is the proxy on its default relay engine ([relay] engine = "aiohttp"); "wire" the same proxy on the
-# Protocol engine (engine = "protocol", proxy/wire.py). The targets' "met?" column judges "proxy".
-NAMES = ("direct", "proxy", "wire", "nginx")
-HEADERS = {"direct": "direct", "proxy": "proxy (aiohttp)", "wire": "proxy (protocol)", "nginx": "nginx"}
+# Protocol engine (engine = "protocol", proxy/wire.py). The targets' "met?" column judges "proxy". nginx, the
+# naive aiohttp relay (bench/naive.py) and the Node `ws` relay (bench/ws_relay.mjs) parse nothing: anchors.
+NAMES = ("direct", "proxy", "wire", "nginx", "naive", "node")
+HEADERS = {
+    "direct": "direct",
+    "proxy": "proxy (aiohttp)",
+    "wire": "proxy (protocol)",
+    "nginx": "nginx",
+    "naive": "naive aiohttp relay",
+    "node": "Node ws relay",
+}
 
 
 @dataclass
@@ -36,16 +44,18 @@ class Row:
     target: str = ""
     met: bool | None = None
     wire: str = "—"
+    naive: str = "—"
+    node: str = "—"
 
     @classmethod
     def of(cls, metric: str, values: Any, target: str = "", met: bool | None = None) -> Row:
         """A row from the target cells in NAMES order."""
-        direct, proxy, wire, nginx = values
-        return cls(metric, direct, proxy, nginx, target, met, wire)
+        direct, proxy, wire, nginx, naive, node = values
+        return cls(metric, direct, proxy, nginx, target, met, wire, naive, node)
 
     def cells(self) -> list[str]:
         met = "" if self.met is None else ("yes" if self.met else "**no**")
-        return [self.metric, self.direct, self.proxy, self.wire, self.nginx, self.target, met]
+        return [self.metric, self.direct, self.proxy, self.wire, self.nginx, self.naive, self.node, self.target, met]
 
 
 def _num(x: Any, fmt: str = "{:,.0f}") -> str:
@@ -94,6 +104,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     f"≤ {limit:.0f}" if small else "",
                     _ok(added, lambda x, lim=limit: x <= lim) if small else None,
                     _signed(_get(res, "wire", f"added_{q}")),
+                    _signed(_get(res, "naive", f"added_{q}")),
+                    _signed(_get(res, "node", f"added_{q}")),
                 )
             )
     tput = results.get("throughput") or {}
@@ -175,7 +187,7 @@ def _concurrency_rows(conc: dict[str, Any]) -> list[Row]:
         )
     # CPU at the largest step each relay was measured at without failing (else its first step)
     cpu: dict[str, str] = {}
-    for name in ("proxy", "wire", "nginx"):
+    for name in NAMES[1:]:
         good = [s for s in steps if _get(s, name, "ok")] or [s for s in steps if name in s]
         if good:
             s = good[-1]
@@ -327,7 +339,14 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -r bench/requirements.txt)"
-    colors = {"direct": "#444444", "proxy": "#d62728", "wire": "#2ca02c", "nginx": "#1f77b4"}
+    colors = {
+        "direct": "#444444",
+        "proxy": "#d62728",
+        "wire": "#2ca02c",
+        "nginx": "#1f77b4",
+        "naive": "#9467bd",
+        "node": "#ff7f0e",
+    }
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     meta = results["meta"]
     noisy = ", NOISY: other jobs were running" if meta.get("noisy") else ""

@@ -178,7 +178,12 @@ async def throughput(session: aiohttp.ClientSession, targets: list[Target], plan
             rates: dict[str, list[float]] = {name: [] for name in names}
             for r in range(plan.tput_rounds):
                 for name in _rotated(names, r):
-                    rate = await client.pipelined(conns[name], frame, window, plan.tput_warmup_s, plan.tput_measure_s)
+                    try:
+                        rate = await client.pipelined(
+                            conns[name], frame, window, plan.tput_warmup_s, plan.tput_measure_s
+                        )
+                    except TimeoutError as exc:
+                        raise BenchError(f"{name}, {size} frames: replies stopped coming") from exc
                     rates[name].append(rate)
             res: dict[str, Any] = {"window": window}
             for name in names:
