@@ -109,7 +109,10 @@ class _Side:
         if self.out:
             out, self.out = self.out, []
             if self.transport is not None and not self.lost:
-                self.transport.writelines(out)
+                if len(out) == 1:  # the common real-time case: skip writelines' list handling
+                    self.transport.write(out[0])
+                else:
+                    self.transport.writelines(out)
 
 
 class _ClientSide(asyncio.Protocol):
@@ -315,7 +318,7 @@ class WireRelay:
         metrics: Metrics | None = None,
         log: structlog.stdlib.BoundLogger | None = None,
         close_timeout: float = 5.0,
-        heartbeat: float = HEARTBEAT_SECONDS,
+        heartbeat: float | None = None,
     ) -> None:
         self.session = Session(config, clock=time.monotonic)
         self.stats = RelayStats()
@@ -323,7 +326,7 @@ class WireRelay:
         self.log: structlog.stdlib.BoundLogger = log or _log
         self._loop = asyncio.get_running_loop()
         self._close_timeout = close_timeout
-        self._heartbeat = heartbeat
+        self._heartbeat = HEARTBEAT_SECONDS if heartbeat is None else heartbeat
         self.client = _Side(masked_in=True, max_message_bytes=max_message_bytes)
         self.upstream = _Side(masked_in=False, max_message_bytes=max_message_bytes)
         self._stash: deque[WireFrame] = deque()  # client frames read while the core is paused, in order

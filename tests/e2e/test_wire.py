@@ -15,10 +15,14 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-from proxy.config import RelayEngine
+from proxy import wire
+from proxy.config import RelayEngine, config_from_dict
 from proxy.core.frames import Frame, FrameReader, FrameWriter, Opcode
+from proxy.server import ProxyServer
 from proxy.wire import WireRelay
 from tests.e2e.conftest import Stack, StackFactory, item_event
 from tests.e2e.probes import relays
@@ -157,3 +161,47 @@ async def test_a_binary_frame_from_the_upstream_reaches_the_client_unchanged(
     payload = bytes(range(256)) * 8
     await upstream._ws.send_frame(payload, WSMsgType.BINARY)
     assert await client.ws.recv() == payload
+
+
+async def test_an_upstream_that_stops_answering_is_pinged_then_given_up_with_1014(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Protocol engine: an upstream silent for a heartbeat period gets a ping; silent for another, the client is
+    closed with 1014 and the upstream with 1001 (aiohttp's heartbeat did the same for the aiohttp engine)."""
+    monkeypatch.setattr(wire, "HEARTBEAT_SECONDS", 0.05)
+    pinged = asyncio.Event()
+    upstream_closed: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    async def silent(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False)  # it never answers a ping
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.PING:
+                pinged.set()
+        upstream_closed.set_result(ws.close_code)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", silent)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        config = config_from_dict(
+            {
+                "listen": {"port": 0},
+                "upstream": {"url": f"ws://127.0.0.1:{port}/v1/realtime"},
+                "relay": {"engine": "protocol"},
+            }
+        )
+        async with ProxyServer(config) as proxy, connect(f"ws://127.0.0.1:{proxy.port}/v1/realtime") as client:
+            with pytest.raises(ConnectionClosed) as info:
+                await client.recv()
+            assert info.value.rcvd is not None
+            assert (info.value.rcvd.code, info.value.rcvd.reason) == (1014, "upstream stopped answering")
+            assert await upstream_closed == 1001
+            assert pinged.is_set()  # the ping went out before the close, on the same stream
+    finally:
+        await runner.cleanup()
