@@ -127,9 +127,9 @@ async def _run(plan: Plan, only: set[str], use_nginx: bool, workdir: Path, wait_
         services.append(upstream)
         echo_port, sim_port = upstream.extra["echo"], upstream.extra["sim"]
         echo_base = f"ws://127.0.0.1:{echo_port}/v1/realtime"
-        proxy = await start_proxy(workdir, "proxy", echo_base)
+        proxy = await start_proxy(workdir, "proxy", echo_base, engine="aiohttp")
         services.append(proxy)
-        wire = await start_proxy(workdir, "wire", echo_base, engine="protocol")
+        wire = await start_proxy(workdir, "wire", echo_base)
         services.append(wire)
         targets = [
             Target("direct", echo_base + "?model=gpt-realtime", None),

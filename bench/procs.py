@@ -203,7 +203,7 @@ async def start_upstream(workdir: Path, sim_delay: float) -> Service:
     return Service("upstream", proc, ports["echo"], log_path, extra=ports)
 
 
-async def start_proxy(workdir: Path, name: str, upstream_url: str, engine: str = "aiohttp") -> Service:
+async def start_proxy(workdir: Path, name: str, upstream_url: str, engine: str = "protocol") -> Service:
     """`python -m proxy --config <toml>` on a port chosen here (the CLI does not report the one it picks), on
     the relay `engine` given ([relay] engine)."""
     port = free_port()

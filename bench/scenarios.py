@@ -328,8 +328,8 @@ async def memory(
     scenarios would reuse freed memory for the new sessions and look cheaper than it is."""
     out: dict[str, Any] = {"sessions": plan.idle_sessions}
     starters: list[tuple[str, Callable[[], Awaitable[Service]]]] = [
-        ("proxy", lambda: start_proxy(workdir, "proxy-mem", echo_url)),
-        ("wire", lambda: start_proxy(workdir, "wire-mem", echo_url, engine="protocol")),
+        ("proxy", lambda: start_proxy(workdir, "proxy-mem", echo_url, engine="aiohttp")),
+        ("wire", lambda: start_proxy(workdir, "wire-mem", echo_url)),
     ]
     if nginx:
         starters.append(("nginx", lambda: start_nginx(nginx, workdir, echo_port, name="nginx-mem")))

@@ -128,7 +128,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
-    engine: RelayEngine = "aiohttp"
+    engine: RelayEngine = "protocol"
 
 
 @dataclass(frozen=True, slots=True)
