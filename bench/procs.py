@@ -220,9 +220,13 @@ async def start_proxy(workdir: Path, name: str, upstream_url: str, engine: str =
     )
     log_path = workdir / f"{name}.log"
     proc = await _spawn([sys.executable, "-m", "proxy", "--config", str(config)], log_path)
-    service = Service(name, proc, port, log_path)
+    return await _listening(Service(name, proc, port, log_path))
+
+
+async def _listening(service: Service, within_s: float = 20.0) -> Service:
+    """The service once it accepts connections; stopped (and the error raised) if it does not."""
     try:
-        await wait_listening(service)
+        await wait_listening(service, within_s)
     except BaseException:
         await service.stop()
         raise
@@ -282,13 +286,7 @@ async def start_nginx(binary: str, workdir: Path, upstream_port: int, name: str 
     # -e: the error log before the config is read (the default path may not exist or be writable).
     args = [binary, "-p", f"{directory}/", "-c", str(conf), "-e", str(directory / "error.log")]
     proc = await _spawn(args, log_path)
-    service = Service(name, proc, port, directory / "error.log", with_children=True)
-    try:
-        await wait_listening(service, within_s=10.0)
-    except BaseException:
-        await service.stop()
-        raise
-    return service
+    return await _listening(Service(name, proc, port, directory / "error.log", with_children=True), within_s=10.0)
 
 
 async def start_naive(workdir: Path, upstream_url: str) -> Service:
@@ -298,13 +296,7 @@ async def start_naive(workdir: Path, upstream_url: str) -> Service:
     proc = await _spawn(
         [sys.executable, "-m", "bench.naive", "--port", str(port), "--upstream", upstream_url], log_path
     )
-    service = Service("naive", proc, port, log_path)
-    try:
-        await wait_listening(service)
-    except BaseException:
-        await service.stop()
-        raise
-    return service
+    return await _listening(Service("naive", proc, port, log_path))
 
 
 WS_MODULES = REPO / "tests" / "js" / "node_modules"
@@ -327,10 +319,4 @@ async def start_node_relay(workdir: Path, upstream_url: str) -> Service:
     script = str(REPO / "bench" / "ws_relay.mjs")
     os.environ["WS_MODULES"] = str(WS_MODULES)  # inherited by the child: where its `ws` is
     proc = await _spawn([node, script, str(port), upstream_url], log_path)
-    service = Service("node", proc, port, log_path)
-    try:
-        await wait_listening(service)
-    except BaseException:
-        await service.stop()
-        raise
-    return service
+    return await _listening(Service("node", proc, port, log_path))

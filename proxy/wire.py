@@ -143,22 +143,44 @@ class _ClientSide(asyncio.Protocol):
         self.relay.client_write_paused(False)
 
 
+class _Handshake:
+    """The upstream's HTTP answer being read (websockets' parser); dropped once read, so a session keeps none of it."""
+
+    __slots__ = ("done", "parser", "stream")
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.stream = StreamReader()
+        self.parser = Response.parse(self.stream.read_line, self.stream.read_exact, self.stream.read_to_eof)
+        next(self.parser)
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Feed bytes (b"" for EOF); once the response is complete, the bytes after it (else None)."""
+        if data:
+            self.stream.feed_data(data)
+        else:
+            self.stream.feed_eof()  # a refusal without Content-Length ends at EOF
+        try:
+            next(self.parser)
+        except StopIteration as stop:
+            self.done.set_result(stop.value)
+            return bytes(self.stream.buffer)  # frames that came with the response
+        except Exception as exc:  # any parse error is a failed handshake, said in one line
+            self.done.set_exception(UpstreamUnreachable(f"upstream handshake failed: {exc}"))
+        return None
+
+
 class _UpstreamSide(asyncio.Protocol):
     """The upstream's transport: the HTTP handshake first (websockets' parser), then frames for the relay."""
 
-    __slots__ = ("_parser", "_stream", "done", "early", "handshake", "lost", "relay", "response", "transport")
+    __slots__ = ("early", "handshake", "lost", "relay", "transport")
 
-    def __init__(self, handshake: ClientProtocol) -> None:
-        self.handshake = handshake
+    def __init__(self) -> None:
+        self.handshake: _Handshake | None = _Handshake()
         self.relay: WireRelay | None = None
         self.transport: asyncio.Transport | None = None
-        self.done: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self.early = bytearray()  # bytes after the handshake, before the relay is attached
         self.lost = False
-        self.response: Response | None = None
-        self._stream = StreamReader()
-        self._parser = Response.parse(self._stream.read_line, self._stream.read_exact, self._stream.read_to_eof)
-        next(self._parser)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -166,35 +188,31 @@ class _UpstreamSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.relay is not None:
             self.relay.upstream_data(data)
-        elif self.done.done():
-            self.early += data
         else:
-            self._stream.feed_data(data)
-            self._advance()
+            self._received(data)
 
-    def _advance(self) -> None:
-        try:
-            next(self._parser)
-        except StopIteration as stop:
-            self.early += self._stream.buffer  # frames that came with the response
-            self._stream.buffer.clear()
-            self.done.set_result(stop.value)
-        except Exception as exc:  # any parse error is a failed handshake, said in one line
-            self.done.set_exception(UpstreamUnreachable(f"upstream handshake failed: {exc}"))
+    def _received(self, data: bytes) -> None:
+        handshake = self.handshake
+        if handshake is None or handshake.done.done():
+            self.early += data
+            return
+        rest = handshake.feed(data)
+        if rest:
+            self.early += rest
 
     def eof_received(self) -> bool:
-        if not self.done.done():
-            self._stream.feed_eof()  # a refusal without Content-Length ends at EOF
-            self._advance()
+        handshake = self.handshake
+        if handshake is not None and not handshake.done.done():
+            handshake.feed(b"")
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
-        if not self.done.done():
-            self._stream.feed_eof()
-            self._advance()
-            if not self.done.done():
-                self.done.set_exception(UpstreamUnreachable("upstream closed the connection during the handshake"))
+        handshake = self.handshake
+        if handshake is not None and not handshake.done.done():
+            handshake.feed(b"")
+            if not handshake.done.done():
+                handshake.done.set_exception(UpstreamUnreachable("upstream closed the connection during the handshake"))
         if self.relay is not None:
             self.relay.upstream_lost()
 
@@ -237,7 +255,7 @@ async def dial(
     try:
         async with asyncio.timeout(connect_timeout):
             _, side = await loop.create_connection(
-                lambda: _UpstreamSide(handshake),
+                _UpstreamSide,
                 uri.host,
                 uri.port,
                 ssl=ssl.create_default_context() if uri.secure else None,
@@ -247,7 +265,9 @@ async def dial(
                 request.headers[name] = value
             assert side.transport is not None
             side.transport.write(request.serialize())
-            response = await side.done
+            assert side.handshake is not None
+            response = await side.handshake.done
+            side.handshake = None
     except TimeoutError as exc:
         _abort(side)
         raise UpstreamUnreachable(f"upstream did not answer within {connect_timeout:g} s") from exc
@@ -482,39 +502,19 @@ class WireRelay:
                 return
 
     def _client_frame(self, frame: WireFrame) -> None:
-        opcode = frame.opcode
-        if opcode >= Opcode.CLOSE:
-            self._control(self.client, frame)
+        message = self._message(self.client, frame)
+        if message is None:
             return
-        side = self.client
-        if not frame.fin or opcode is Opcode.CONT:
-            whole = self._fragment(side, frame)
-            if whole is None:
-                return
-            payload = whole
-            raws: Sequence[Any] = side.frag_raw
-            side.frag_raw, side.frag_payload = [], []
-        else:
-            unmasked = frame.payload()  # new bytes: a client's frames are masked
-            payload = unmasked if isinstance(unmasked, bytes) else bytes(unmasked)
-            raws = (frame.raw,)
-        if frame.message_opcode is Opcode.TEXT:
-            if not is_utf8(payload):  # never passed on: the upstream would be sent an invalid frame
-                self.stats.client_close_code = 1007
-                self._close_both(1007, INVALID_UTF8, 1007, _CLIENT_CLOSED)
-                return
-            data: Frame = payload
-        else:
-            data = Binary(payload)
+        data, raws = message
         stats = self.stats
         stats.frames_up += 1
         stats.bytes_up += len(data)
         session = self.session
         session.client_frame(data)
         if session.pending_upstream:
-            self._take_upstream(data, raws)
+            self._take(self.upstream, session.take_upstream(), data, raws)
         if session.pending_client:
-            self._take_client(None, ())
+            self._take(self.client, session.take_client(), None, ())
         self._after_core()
 
     def _upstream_read(self, data: bytes) -> None:
@@ -539,38 +539,19 @@ class WireRelay:
             self._resume_client_feed()
 
     def _upstream_frame(self, frame: WireFrame) -> None:
-        opcode = frame.opcode
-        if opcode >= Opcode.CLOSE:
-            self._control(self.upstream, frame)
+        message = self._message(self.upstream, frame)
+        if message is None:
             return
-        side = self.upstream
-        if not frame.fin or opcode is Opcode.CONT:
-            whole = self._fragment(side, frame)
-            if whole is None:
-                return
-            payload = whole
-            raws: Sequence[Any] = side.frag_raw
-            side.frag_raw, side.frag_payload = [], []
-        else:
-            payload = bytes(frame.raw[frame.header_length :])
-            raws = (frame.raw,)
-        if frame.message_opcode is Opcode.TEXT:
-            if not is_utf8(payload):  # the upstream broke the protocol: 1007 to it, 1014 to the client
-                self.stats.upstream_close_code = None
-                self._close_both(BAD_GATEWAY, "upstream sent " + INVALID_UTF8, 1007, INVALID_UTF8)
-                return
-            data: Frame = payload
-        else:
-            data = Binary(payload)
+        data, raws = message
         stats = self.stats
         stats.frames_down += 1
         stats.bytes_down += len(data)
         session = self.session
         session.upstream_frame(data)
         if session.pending_client:
-            self._take_client(data, raws)
+            self._take(self.client, session.take_client(), data, raws)
         if session.pending_upstream:
-            self._take_upstream(None, ())
+            self._take(self.upstream, session.take_upstream(), None, ())
         self._after_core()
 
     def _closes_only(self, side: _Side, frames: Sequence[WireFrame]) -> None:
@@ -579,13 +560,37 @@ class WireRelay:
             if frame.opcode is Opcode.CLOSE:
                 self._control(side, frame)
 
-    def _fragment(self, side: _Side, frame: WireFrame) -> bytes | None:
-        """Keep a fragment; the whole message's payload once its last fragment is in, else None."""
-        side.frag_raw.append(bytes(frame.raw))
-        side.frag_payload.append(bytes(frame.payload()))
-        if not frame.fin:
+    def _message(self, side: _Side, frame: WireFrame) -> tuple[Frame, Sequence[Any]] | None:
+        """A whole message for the core (bytes for text, Binary) and the wire bytes it came in; None for a control
+        frame (handled here), a fragment of a message still open, or text that is not UTF-8 (closed here)."""
+        opcode = frame.opcode
+        if opcode >= Opcode.CLOSE:
+            self._control(side, frame)
             return None
-        return b"".join(side.frag_payload)
+        raws: Sequence[Any]
+        if not frame.fin or opcode is Opcode.CONT:
+            side.frag_raw.append(bytes(frame.raw))
+            side.frag_payload.append(bytes(frame.payload()))
+            if not frame.fin:
+                return None
+            payload = b"".join(side.frag_payload)
+            raws = side.frag_raw
+            side.frag_raw, side.frag_payload = [], []
+        else:
+            unmasked = frame.payload()  # new bytes for a client's (masked) frame, a view of an upstream's
+            payload = unmasked if isinstance(unmasked, bytes) else bytes(unmasked)
+            raws = (frame.raw,)
+        if frame.message_opcode is not Opcode.TEXT:
+            return Binary(payload), raws
+        if is_utf8(payload):
+            return payload, raws
+        # Never passed on: the other side would be sent an invalid frame.
+        if side is self.client:
+            self.stats.client_close_code = 1007
+            self._close_both(1007, INVALID_UTF8, 1007, _CLIENT_CLOSED)
+        else:  # the upstream broke the protocol: 1007 to it, 1014 to the client
+            self._close_both(BAD_GATEWAY, "upstream sent " + INVALID_UTF8, 1007, INVALID_UTF8)
+        return None
 
     def _control(self, side: _Side, frame: WireFrame) -> None:
         opcode = frame.opcode
@@ -603,19 +608,13 @@ class WireRelay:
 
     # --- what the core hands back ----------------------------------------------------------------------
 
-    def _take_upstream(self, data: Frame | None, raws: Sequence[Any]) -> None:
-        out = self.upstream.out
-        writer = self.upstream.writer
-        for frame in self.session.take_upstream():
-            if frame is data:
-                out.extend(raws)  # as it came: its own header and mask
-            else:
-                out.append(_encode(writer, frame))
-
-    def _take_client(self, data: Frame | None, raws: Sequence[Any]) -> None:
-        out = self.client.out
-        writer = self.client.writer
-        for frame in self.session.take_client():
+    @staticmethod
+    def _take(side: _Side, frames: list[Frame], data: Frame | None, raws: Sequence[Any]) -> None:
+        """Queue the core's frames for `side`: `data` (the message just fed, when the core passed it on as it
+        came) as its own wire bytes, header and mask included; any other frame encoded anew."""
+        out = side.out
+        writer = side.writer
+        for frame in frames:
             if frame is data:
                 out.extend(raws)
             else:
@@ -631,9 +630,9 @@ class WireRelay:
     def _drain_core(self) -> None:
         session = self.session
         if session.pending_upstream:
-            self._take_upstream(None, ())
+            self._take(self.upstream, session.take_upstream(), None, ())
         if session.pending_client:
-            self._take_client(None, ())
+            self._take(self.client, session.take_client(), None, ())
         self._after_core()
 
     def _resume_client_feed(self) -> None:
