@@ -224,13 +224,12 @@ def _reset_rows(rst: dict[str, Any]) -> list[Row]:
     big = rst["reset_median_ms"].get(str(RESET_ITEMS))
     reconnect = rst["reconnect_median_ms"]
     return [
+        # The reset scenario runs on the proxy's default engine (JUDGED's column).
         Row(
             f"`session.reset` through the proxy, {counts} items (ms)",
-            "—",
-            cells(rst["reset_median_ms"]),
-            "—",
-            f"{RESET_ITEMS:,}: ≤ {limit:.0f}",
-            _ok(big, lambda x: x <= limit),
+            target=f"{RESET_ITEMS:,}: ≤ {limit:.0f}",
+            met=_ok(big, lambda x: x <= limit),
+            wire=cells(rst["reset_median_ms"]),
         ),
         Row(f"Client deletes one at a time, {counts} items (ms)", cells(rst["client_delete_ms"])),
         Row(f"Client deletes all at once (floor), {counts} items (ms)", cells(rst["pipelined_delete_median_ms"])),
@@ -238,11 +237,9 @@ def _reset_rows(rst: dict[str, Any]) -> list[Row]:
         Row("Reconnect, handshake on loopback (ms)", _num(rst["reconnect_loopback_median_ms"], "{:.1f}")),
         Row(
             f"{RESET_ITEMS:,}-item reset vs reconnect (ms)",
-            "—",
-            f"{big:.1f} vs {reconnect:.1f}" if big is not None else "—",
-            "—",
-            "faster",
-            _ok(big, lambda x: x < reconnect),
+            target="faster",
+            met=_ok(big, lambda x: x < reconnect),
+            wire=f"{big:.1f} vs {reconnect:.1f}" if big is not None else "—",
         ),
     ]
 
