@@ -55,13 +55,12 @@ from proxy.core.frames import FrameReader, FrameWriter, Opcode, ReaderState
 from proxy.core.session import Binary, Frame, Session, SessionConfig
 from proxy.metrics import Metrics
 from proxy.relay import BAD_GATEWAY, INVALID_UTF8, RelayStats, is_utf8, note_notices, sendable
-from proxy.upstream import REFUSAL_HEADERS
+from proxy.upstream import MAX_REFUSAL_BODY, REFUSAL_HEADERS
 
 _log = structlog.get_logger("proxy.wire")
 
 STASH_PAUSE_BYTES = 256 * 1024  # client bytes read while the core is paused, past which its socket is not read
 HEARTBEAT_SECONDS = 20.0  # an upstream silent this long is pinged; silent for as long again, it is gone
-_MAX_REFUSAL_BODY = 64 * 1024
 _INTERNAL = "proxy internal error"
 _CLIENT_CLOSED = "client closed"
 _UPSTREAM_LOST = "upstream connection lost"
@@ -280,7 +279,7 @@ async def dial(
     if response.status_code != 101:
         _abort(side)
         keep = [(k, v) for k, v in response.headers.raw_items() if k.lower() in REFUSAL_HEADERS]
-        raise UpstreamRefused(response.status_code, keep, bytes(response.body[:_MAX_REFUSAL_BODY]))
+        raise UpstreamRefused(response.status_code, keep, bytes(response.body[:MAX_REFUSAL_BODY]))
     try:
         handshake.process_response(response)
     except InvalidHandshake as exc:
