@@ -16,7 +16,7 @@ import pytest
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 
-from proxy.config import LoggingConfig, RelayConfig, RelayEngine, config_from_dict
+from proxy.config import Config, LoggingConfig, RelayConfig, RelayEngine, config_from_dict
 from proxy.logs import configure_logging
 from proxy.server import ProxyServer
 from proxy.simulator import SimSession, Simulator, SimulatorConfig
@@ -27,6 +27,12 @@ Event = dict[str, Any]
 # the whole suite over proxy/relay.py (`make test-aiohttp-engine`), the default being proxy/wire.py.
 ENGINE: RelayEngine | None = os.environ.get("RRP_RELAY_ENGINE") or None  # type: ignore[assignment]
 _ENGINE_NAMED: set[int] = set()  # ids of configs whose test named an engine: ENGINE does not replace it
+
+
+def keep_engine(config: Config) -> Config:
+    """A config whose [relay] engine the test chose: RRP_RELAY_ENGINE does not replace it."""
+    _ENGINE_NAMED.add(id(config))
+    return config
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +110,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
             upstream = {"url": simulator.url + url_suffix, **sections.pop("upstream", {})}
             config = config_from_dict({"listen": {"port": 0}, "upstream": upstream, **sections})
             if "relay" in sections:
-                _ENGINE_NAMED.add(id(config))
+                keep_engine(config)
             proxy = await stack.enter_async_context(ProxyServer(config))
             return Stack(simulator, proxy, stack)
 

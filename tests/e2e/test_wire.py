@@ -24,7 +24,7 @@ from proxy.config import RelayEngine, config_from_dict
 from proxy.core.frames import Frame, FrameReader, FrameWriter, Opcode
 from proxy.server import ProxyServer
 from proxy.wire import WireRelay
-from tests.e2e.conftest import Stack, StackFactory, item_event
+from tests.e2e.conftest import Stack, StackFactory, item_event, keep_engine
 from tests.e2e.probes import relays
 
 ENGINES: list[RelayEngine] = ["aiohttp", "protocol"]
@@ -189,12 +189,14 @@ async def test_an_upstream_that_stops_answering_is_pinged_then_given_up_with_101
     await site.start()
     try:
         port = runner.addresses[0][1]
-        config = config_from_dict(
-            {
-                "listen": {"port": 0},
-                "upstream": {"url": f"ws://127.0.0.1:{port}/v1/realtime"},
-                "relay": {"engine": "protocol"},
-            }
+        config = keep_engine(
+            config_from_dict(
+                {
+                    "listen": {"port": 0},
+                    "upstream": {"url": f"ws://127.0.0.1:{port}/v1/realtime"},
+                    "relay": {"engine": "protocol"},
+                }
+            )
         )
         async with ProxyServer(config) as proxy, connect(f"ws://127.0.0.1:{proxy.port}/v1/realtime") as client:
             with pytest.raises(ConnectionClosed) as info:
