@@ -10,21 +10,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import ssl
 from collections import deque
 from typing import Any
 
 import orjson
 import pytest
+import trustme
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proxy import wire
 from proxy.config import RelayEngine, config_from_dict
 from proxy.core.frames import Frame, FrameReader, FrameWriter, Opcode
 from proxy.server import ProxyServer
 from proxy.wire import WireRelay
-from tests.e2e.conftest import Stack, StackFactory, item_event, keep_engine
+from tests.e2e.conftest import Client, Stack, StackFactory, item_event, keep_engine
 from tests.e2e.probes import relays
 
 ENGINES: list[RelayEngine] = ["aiohttp", "protocol"]
@@ -207,3 +209,50 @@ async def test_an_upstream_that_stops_answering_is_pinged_then_given_up_with_101
             assert pinged.is_set()  # the ping went out before the close, on the same stream
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_a_wss_upstream_is_dialed_over_verified_tls(
+    make_stack: StackFactory, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, trusted: bool
+) -> None:
+    """Protocol engine, wss:// upstream (here a second proxy with a TLS listener in front of the simulator): a
+    certificate the system trusts carries the session; one it does not is a 502 naming the verification."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    tls = {"port": 0, "tls_cert_file": str(cert_file), "tls_key_file": str(key_file)}
+    front = await make_stack(listen=tls)  # simulator behind a TLS proxy
+    if trusted:
+        default_context = ssl.create_default_context
+
+        def trusting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+            context = default_context(*args, **kwargs)
+            ca.configure_trust(context)  # as if the CA were the system's
+            return context
+
+        monkeypatch.setattr(wire.ssl, "create_default_context", trusting)
+    config = keep_engine(
+        config_from_dict(
+            {
+                "listen": {"port": 0},
+                "upstream": {"url": f"wss://127.0.0.1:{front.proxy.port}/v1/realtime"},
+                "relay": {"engine": "protocol"},
+            }
+        )
+    )
+    async with ProxyServer(config) as proxy:
+        url = f"ws://127.0.0.1:{proxy.port}/v1/realtime?model=gpt-realtime"
+        if not trusted:
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(url)
+            assert refused.value.response.status_code == 502
+            assert b"CERTIFICATE_VERIFY_FAILED" in refused.value.response.body
+            return
+        async with connect(url) as ws:
+            client = Client(ws)
+            await client.until("session.created")
+            await client.send(item_event("over wss"))
+            await client.until("conversation.item.added")
+        assert front.sim.sessions[0].item_ids != []
