@@ -34,8 +34,11 @@ from bench.procs import (
     machine_busy_seconds,
     nginx_binary,
     nginx_version,
+    node_relay_missing,
     raise_fd_limit,
+    start_naive,
     start_nginx,
+    start_node_relay,
     start_proxy,
     start_upstream,
 )
@@ -126,7 +129,13 @@ async def _run(plan: Plan, only: set[str], use_nginx: bool, workdir: Path, wait_
         echo_base = f"ws://127.0.0.1:{echo_port}/v1/realtime"
         proxy = await start_proxy(workdir, "proxy", echo_base)
         services.append(proxy)
-        targets = [Target("direct", echo_base + "?model=gpt-realtime", None), Target("proxy", proxy.url(), proxy)]
+        wire = await start_proxy(workdir, "wire", echo_base, engine="protocol")
+        services.append(wire)
+        targets = [
+            Target("direct", echo_base + "?model=gpt-realtime", None),
+            Target("proxy", proxy.url(), proxy),
+            Target("wire", wire.url(), wire),
+        ]
         if nginx:
             try:
                 ngx = await start_nginx(nginx, workdir, echo_port)
@@ -137,9 +146,21 @@ async def _run(plan: Plan, only: set[str], use_nginx: bool, workdir: Path, wait_
             else:
                 services.append(ngx)
                 targets.append(Target("nginx", ngx.url(), ngx))
+        # Anchors that parse nothing: a naive aiohttp relay, and a Node `ws` relay when node and ws are here.
+        naive = await start_naive(workdir, echo_base)
+        services.append(naive)
+        targets.append(Target("naive", naive.url(), naive))
+        missing = node_relay_missing()
+        if missing is None:
+            node = await start_node_relay(workdir, echo_base)
+            services.append(node)
+            targets.append(Target("node", node.url(), node))
+        else:
+            results["skipped"]["node"] = missing
+            log(f"node ws relay: skipped ({missing})")
         log(
             f"upstream pid {upstream.pid} (echo :{echo_port}, simulator :{sim_port}); proxy pid {proxy.pid} "
-            f":{proxy.port}"
+            f":{proxy.port}; wire (protocol engine) pid {wire.pid} :{wire.port}"
             + (
                 f"; nginx pid {targets[-1].service.pid} :{targets[-1].service.port}"
                 if nginx and targets[-1].service

@@ -203,8 +203,11 @@ async def start_upstream(workdir: Path, sim_delay: float) -> Service:
     return Service("upstream", proc, ports["echo"], log_path, extra=ports)
 
 
-async def start_proxy(workdir: Path, name: str, upstream_url: str, extra_toml: str = "") -> Service:
-    """`python -m proxy --config <toml>` on a port chosen here (the CLI does not report the one it picks)."""
+async def start_proxy(
+    workdir: Path, name: str, upstream_url: str, extra_toml: str = "", engine: str = "aiohttp"
+) -> Service:
+    """`python -m proxy --config <toml>` on a port chosen here (the CLI does not report the one it picks), on
+    the relay `engine` given ([relay] engine)."""
     port = free_port()
     config = workdir / f"{name}.toml"
     config.write_text(
@@ -212,15 +215,20 @@ async def start_proxy(workdir: Path, name: str, upstream_url: str, extra_toml: s
         # one worker: the targets are for a single proxy process, and /proc is read for this one pid
         f'[listen]\nhost = "{HOST}"\nport = {port}\nworkers = 1\n\n'
         f'[upstream]\nurl = "{upstream_url}"\n\n'
+        f'[relay]\nengine = "{engine}"\n\n'
         # Production settings: info-level JSON lines (one per connection open/close and per reset).
         '[logging]\nlevel = "info"\nformat = "json"\n' + extra_toml,
         encoding="utf-8",
     )
     log_path = workdir / f"{name}.log"
     proc = await _spawn([sys.executable, "-m", "proxy", "--config", str(config)], log_path)
-    service = Service(name, proc, port, log_path)
+    return await _listening(Service(name, proc, port, log_path))
+
+
+async def _listening(service: Service, within_s: float = 20.0) -> Service:
+    """The service once it accepts connections; stopped (and the error raised) if it does not."""
     try:
-        await wait_listening(service)
+        await wait_listening(service, within_s)
     except BaseException:
         await service.stop()
         raise
@@ -280,10 +288,37 @@ async def start_nginx(binary: str, workdir: Path, upstream_port: int, name: str 
     # -e: the error log before the config is read (the default path may not exist or be writable).
     args = [binary, "-p", f"{directory}/", "-c", str(conf), "-e", str(directory / "error.log")]
     proc = await _spawn(args, log_path)
-    service = Service(name, proc, port, directory / "error.log", with_children=True)
-    try:
-        await wait_listening(service, within_s=10.0)
-    except BaseException:
-        await service.stop()
-        raise
-    return service
+    return await _listening(Service(name, proc, port, directory / "error.log", with_children=True), within_s=10.0)
+
+
+async def start_naive(workdir: Path, upstream_url: str) -> Service:
+    """The naive aiohttp relay (bench/naive.py): parses nothing, an anchor for what plain forwarding costs."""
+    port = free_port()
+    log_path = workdir / "naive.log"
+    proc = await _spawn(
+        [sys.executable, "-m", "bench.naive", "--port", str(port), "--upstream", upstream_url], log_path
+    )
+    return await _listening(Service("naive", proc, port, log_path))
+
+
+WS_MODULES = REPO / "tests" / "js" / "node_modules"
+
+
+def node_relay_missing() -> str | None:
+    """Why the Node `ws` relay cannot run here, or None."""
+    if shutil.which("node") is None:
+        return "no `node` on PATH"
+    if not (WS_MODULES / "ws").is_dir():
+        return f"{WS_MODULES / 'ws'} is missing: run `make js`"
+    return None
+
+
+async def start_node_relay(workdir: Path, upstream_url: str) -> Service:
+    """The Node `ws` relay (bench/ws_relay.mjs), with ws from tests/js (`make js`)."""
+    port = free_port()
+    log_path = workdir / "node.log"
+    node = shutil.which("node") or "node"
+    script = str(REPO / "bench" / "ws_relay.mjs")
+    os.environ["WS_MODULES"] = str(WS_MODULES)  # inherited by the child: where its `ws` is
+    proc = await _spawn([node, script, str(port), upstream_url], log_path)
+    return await _listening(Service("node", proc, port, log_path))

@@ -12,16 +12,30 @@ from typing import Any
 
 import orjson
 
-# The issue's targets (issue 4), for one proxy process on the benchmark machine.
+# The issues' targets (4, then 12's stricter ones for throughput, memory and CPU), for one proxy process on
+# the benchmark machine.
 ADDED_P50_US = 100.0
 ADDED_P99_US = 300.0
-THROUGHPUT_RATIO = 0.6
+THROUGHPUT_RATIO = 0.75
 SESSIONS = 300
-RSS_KIB = 64.0
+RSS_KIB = 32.0
+CPU_US_PER_FRAME = 15.0
 RESET_ITEMS = 1000
 RESET_SLACK_MS = 20.0  # a 1,000-item reset within 2 x the one-way delay + 20 ms
 
-NAMES = ("direct", "proxy", "nginx")
+# "wire" is the proxy on its default relay engine ([relay] engine = "protocol", proxy/wire.py), "proxy" the same
+# proxy on the aiohttp engine (proxy/relay.py). The targets' "met?" column judges JUDGED. nginx, the
+# naive aiohttp relay (bench/naive.py) and the Node `ws` relay (bench/ws_relay.mjs) parse nothing: anchors.
+NAMES = ("direct", "proxy", "wire", "nginx", "naive", "node")
+JUDGED = "wire"
+HEADERS = {
+    "direct": "direct",
+    "proxy": "proxy (aiohttp)",
+    "wire": "proxy (protocol)",
+    "nginx": "nginx",
+    "naive": "naive aiohttp relay",
+    "node": "Node ws relay",
+}
 
 
 @dataclass
@@ -32,16 +46,19 @@ class Row:
     nginx: str = "—"
     target: str = ""
     met: bool | None = None
+    wire: str = "—"
+    naive: str = "—"
+    node: str = "—"
 
     @classmethod
     def of(cls, metric: str, values: Any, target: str = "", met: bool | None = None) -> Row:
-        """A row from the three target cells in NAMES order."""
-        direct, proxy, nginx = values
-        return cls(metric, direct, proxy, nginx, target, met)
+        """A row from the target cells in NAMES order."""
+        direct, proxy, wire, nginx, naive, node = values
+        return cls(metric, direct, proxy, nginx, target, met, wire, naive, node)
 
     def cells(self) -> list[str]:
         met = "" if self.met is None else ("yes" if self.met else "**no**")
-        return [self.metric, self.direct, self.proxy, self.nginx, self.target, met]
+        return [self.metric, self.direct, self.proxy, self.wire, self.nginx, self.naive, self.node, self.target, met]
 
 
 def _num(x: Any, fmt: str = "{:,.0f}") -> str:
@@ -80,15 +97,18 @@ def rows(results: dict[str, Any]) -> list[Row]:
         for q in ("p50", "p99"):
             out.append(Row.of(f"Round trip {q}, {label} frames (µs)", [_num(_get(res, n, q)) for n in NAMES]))
         for q, limit in (("p50", ADDED_P50_US), ("p99", ADDED_P99_US)):
-            added = _get(res, "proxy", f"added_{q}")
+            added = _get(res, JUDGED, f"added_{q}")
             out.append(
                 Row(
                     f"Added {q} vs direct, {label} (µs)",
                     "—",
-                    _signed(added),
+                    _signed(_get(res, "proxy", f"added_{q}")),
                     _signed(_get(res, "nginx", f"added_{q}")),
                     f"≤ {limit:.0f}" if small else "",
                     _ok(added, lambda x, lim=limit: x <= lim) if small else None,
+                    _signed(_get(res, "wire", f"added_{q}")),
+                    _signed(_get(res, "naive", f"added_{q}")),
+                    _signed(_get(res, "node", f"added_{q}")),
                 )
             )
     tput = results.get("throughput") or {}
@@ -97,12 +117,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
         if not res:
             continue
         out.append(Row.of(f"Pipelined throughput, {label} (frames/s)", [_num(_get(res, n, "fps")) for n in NAMES]))
-        ratio = _get(res, "proxy", "ratio")
+        ratio = _get(res, JUDGED, "ratio")
         out.append(
             Row.of(
                 f"Throughput vs direct, {label}",
                 [_num(_get(res, n, "ratio"), "{:.2f}") for n in NAMES],
-                f"≥ {THROUGHPUT_RATIO:.1f}",
+                f"≥ {THROUGHPUT_RATIO:.2f}",
                 _ok(ratio, lambda x: x >= THROUGHPUT_RATIO),
             )
         )
@@ -111,7 +131,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out.extend(_concurrency_rows(conc))
     mem = results.get("memory")
     if mem:
-        per = _get(mem, "proxy", "per_session_kib")
+        per = _get(mem, JUDGED, "per_session_kib")
 
         def rss(name: str) -> str:
             value = _num(_get(mem, name, "per_session_kib"), "{:.1f}")
@@ -128,7 +148,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 rss("proxy"),
                 rss("nginx"),
                 f"≤ {RSS_KIB:.0f}",
-                None if _get(mem, "proxy", "error") else _ok(per, lambda x: x <= RSS_KIB),
+                None if _get(mem, JUDGED, "error") else _ok(per, lambda x: x <= RSS_KIB),
+                rss("wire"),
             )
         )
         if "proxy_swap" in mem:
@@ -164,7 +185,7 @@ def _concurrency_rows(conc: dict[str, Any]) -> list[Row]:
             "Real-time sessions held, p99 added < 5 ms",
             [held_cell(n) for n in NAMES],
             f"≥ {SESSIONS}",
-            held.get("proxy", 0) >= SESSIONS if "proxy" in measured else None,
+            held.get(JUDGED, 0) >= SESSIONS if JUDGED in measured else None,
         )
     ]
     at = next((s for s in steps if s["n"] == SESSIONS), None)
@@ -177,7 +198,7 @@ def _concurrency_rows(conc: dict[str, Any]) -> list[Row]:
         )
     # CPU at the largest step each relay was measured at without failing (else its first step)
     cpu: dict[str, str] = {}
-    for name in ("proxy", "nginx"):
+    for name in NAMES[1:]:
         good = [s for s in steps if _get(s, name, "ok")] or [s for s in steps if name in s]
         if good:
             s = good[-1]
@@ -185,7 +206,16 @@ def _concurrency_rows(conc: dict[str, Any]) -> list[Row]:
             per_frame = _get(s, name, "cpu_us_per_frame")
             if share is not None:
                 cpu[name] = f"{100 * share:.2f} % ({per_frame:.0f} µs/frame, N = {s['n']})"
-    out.append(Row("CPU per real-time session (% of a core)", "—", cpu.get("proxy", "—"), cpu.get("nginx", "—")))
+    judged = next((s for s in reversed(steps) if _get(s, JUDGED, "ok")), None)
+    per_frame = _get(judged, JUDGED, "cpu_us_per_frame")
+    out.append(
+        Row.of(
+            "CPU per real-time session (% of a core)",
+            ["—", *(cpu.get(n, "—") for n in NAMES[1:])],
+            f"≤ {CPU_US_PER_FRAME:.0f} µs/frame",
+            _ok(per_frame, lambda x: x <= CPU_US_PER_FRAME),
+        ),
+    )
     return out
 
 
@@ -202,13 +232,12 @@ def _reset_rows(rst: dict[str, Any]) -> list[Row]:
     big = rst["reset_median_ms"].get(str(RESET_ITEMS))
     reconnect = rst["reconnect_median_ms"]
     return [
+        # The reset scenario runs on the proxy's default engine (JUDGED's column).
         Row(
             f"`session.reset` through the proxy, {counts} items (ms)",
-            "—",
-            cells(rst["reset_median_ms"]),
-            "—",
-            f"{RESET_ITEMS:,}: ≤ {limit:.0f}",
-            _ok(big, lambda x: x <= limit),
+            target=f"{RESET_ITEMS:,}: ≤ {limit:.0f}",
+            met=_ok(big, lambda x: x <= limit),
+            wire=cells(rst["reset_median_ms"]),
         ),
         Row(
             f"`session.reset` by swap to a warm spare, {counts} items (ms)",
@@ -223,18 +252,17 @@ def _reset_rows(rst: dict[str, Any]) -> list[Row]:
         Row("Reconnect, handshake on loopback (ms)", _num(rst["reconnect_loopback_median_ms"], "{:.1f}")),
         Row(
             f"{RESET_ITEMS:,}-item reset vs reconnect (ms)",
-            "—",
-            f"{big:.1f} vs {reconnect:.1f}" if big is not None else "—",
-            "—",
-            "faster",
-            _ok(big, lambda x: x < reconnect),
+            target="faster",
+            met=_ok(big, lambda x: x < reconnect),
+            wire=f"{big:.1f} vs {reconnect:.1f}" if big is not None else "—",
         ),
     ]
 
 
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
-    table = [["Metric", "direct", "proxy", "nginx", "target", "met?"], ["---", "---:", "---:", "---:", "---", "---"]]
+    table = [["Metric", *(HEADERS[n] for n in NAMES), "target", "met?"]]
+    table.append(["---", *(["---:"] * len(NAMES)), "---", "---"])
     table += [r.cells() for r in rows(results)]
     lines = [f"# Benchmark: {meta['mode']} run, {meta['finished']}", ""]
     if meta.get("noisy"):
@@ -333,7 +361,14 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -r bench/requirements.txt)"
-    colors = {"direct": "#444444", "proxy": "#d62728", "nginx": "#1f77b4"}
+    colors = {
+        "direct": "#444444",
+        "proxy": "#d62728",
+        "wire": "#2ca02c",
+        "nginx": "#1f77b4",
+        "naive": "#9467bd",
+        "node": "#ff7f0e",
+    }
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     meta = results["meta"]
     noisy = ", NOISY: other jobs were running" if meta.get("noisy") else ""
@@ -359,9 +394,9 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     ax = axes[0][1]
     tput = results.get("throughput") or {}
     sizes = [s for s in ("1.3KB", "100KB") if s in tput]
-    width = 0.25
+    width = 0.8 / len(NAMES)
     for i, name in enumerate(NAMES):
-        xs = [j + (i - 1) * width for j in range(len(sizes))]
+        xs = [j + (i - (len(NAMES) - 1) / 2) * width for j in range(len(sizes))]
         vals = [_get(tput, s, name, "ratio") for s in sizes]
         if any(v is not None for v in vals):
             bars = ax.bar(xs, [v or 0 for v in vals], width, color=colors[name], label=name)

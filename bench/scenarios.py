@@ -178,7 +178,12 @@ async def throughput(session: aiohttp.ClientSession, targets: list[Target], plan
             rates: dict[str, list[float]] = {name: [] for name in names}
             for r in range(plan.tput_rounds):
                 for name in _rotated(names, r):
-                    rate = await client.pipelined(conns[name], frame, window, plan.tput_warmup_s, plan.tput_measure_s)
+                    try:
+                        rate = await client.pipelined(
+                            conns[name], frame, window, plan.tput_warmup_s, plan.tput_measure_s
+                        )
+                    except TimeoutError as exc:
+                        raise BenchError(f"{name}, {size} frames: replies stopped coming") from exc
                     rates[name].append(rate)
             res: dict[str, Any] = {"window": window}
             for name in names:
@@ -323,7 +328,8 @@ async def memory(
     scenarios would reuse freed memory for the new sessions and look cheaper than it is."""
     out: dict[str, Any] = {"sessions": plan.idle_sessions}
     starters: list[tuple[str, Callable[[], Awaitable[Service]]]] = [
-        ("proxy", lambda: start_proxy(workdir, "proxy-mem", echo_url))
+        ("proxy", lambda: start_proxy(workdir, "proxy-mem", echo_url)),
+        ("wire", lambda: start_proxy(workdir, "wire-mem", echo_url, engine="protocol")),
     ]
     if nginx:
         starters.append(("nginx", lambda: start_nginx(nginx, workdir, echo_port, name="nginx-mem")))

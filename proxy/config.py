@@ -84,6 +84,7 @@ LogFormat = Literal["auto", "json", "console"]
 
 
 UpstreamAuth = Literal["bearer", "api-key"]
+RelayEngine = Literal["aiohttp", "protocol"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,12 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayConfig:
+    # "aiohttp" (proxy/relay.py) is the default: only it can move a client to another upstream (swap, rollover).
+    engine: RelayEngine = "aiohttp"
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: LogLevel = "info"
     format: LogFormat = "auto"
@@ -159,6 +166,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     reset: ResetConfig = field(default_factory=ResetConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def session_config(self) -> SessionConfig:
@@ -265,6 +273,8 @@ def _validate(config: Config) -> None:
             raise ConfigError(key, f"no such file: {path}")
     if listen.workers < 1:
         raise ConfigError("listen.workers", f"must be at least 1, not {listen.workers}")
+    if config.reset.strategy == "swap" and config.relay.engine == "protocol":
+        raise ConfigError("reset.strategy", '"swap" needs [relay] engine = "aiohttp" (the protocol engine cannot swap)')
     if listen.workers > 1 and listen.port == 0:
         raise ConfigError("listen.workers", "several workers share one port: set listen.port (not 0)")
     if listen.drain_seconds < 0:

@@ -467,56 +467,7 @@ class Relay:
         return self._held_before + self.session.held_total
 
     def _note(self, notices: Sequence[Notice | SwapNotice]) -> None:
-        """Logs and metrics for what the core reported; rare events, off the per-frame path."""
-        metrics = self.metrics
-        for notice in notices:
-            if isinstance(notice, UpstreamSession):
-                self.log = self.log.bind(upstream_session=notice.session_id)
-            elif isinstance(notice, Usage):
-                if metrics is not None:
-                    metrics.tokens.labels("input").inc(notice.input_tokens)
-                    metrics.tokens.labels("cached").inc(notice.cached_tokens)
-                    metrics.tokens.labels("output").inc(notice.output_tokens)
-            elif isinstance(notice, ResetFinished):
-                self.stats.resets += 1
-                outcome = "partial" if notice.outcome == "completed" and notice.failed else notice.outcome
-                if notice.outcome == "timed_out":
-                    self.stats.resets_timed_out += 1
-                if metrics is not None:
-                    metrics.resets.labels(outcome).inc()
-                    metrics.reset_seconds.observe(notice.duration_ms / 1000.0)
-                    metrics.items_deleted.inc(notice.deleted)
-                self.log.info(
-                    "reset",
-                    outcome=outcome,
-                    duration_ms=round(notice.duration_ms, 3),
-                    items_deleted=notice.deleted,
-                    items_failed=notice.failed,
-                    response_cancelled=notice.cancelled_response,
-                )
-            elif isinstance(notice, TaskEnded):
-                if metrics is not None:
-                    metrics.task_input_tokens.observe(notice.input_tokens)
-                self.log.info(
-                    "task_usage",
-                    responses=notice.responses,
-                    input_tokens=notice.input_tokens,
-                    output_tokens=notice.output_tokens,
-                    auto=notice.auto,
-                )
-            elif isinstance(notice, Switched):
-                self.log.info(
-                    "upstream_switched",
-                    reason=notice.reason,
-                    old_upstream_session=notice.old_session_id,
-                    items_left=notice.items,
-                )
-            elif isinstance(notice, LateResponse):
-                self.log.info("late_response_cancelled", response_id=notice.response_id)
-            elif isinstance(notice, EventsRejected):
-                if metrics is not None:
-                    metrics.events_rejected.inc(notice.count)
-                self.log.warning("events_rejected", count=notice.count, reason="held event limit")
+        self.log = note_notices(self.log, self.stats, self.metrics, notices)
 
     # --- closing ----------------------------------------------------------------------------------
 
@@ -584,3 +535,62 @@ async def _send_all(ws: web.WebSocketResponse[bool] | ClientWebSocketResponse[bo
             await ws.send_frame(frame.encode(), WSMsgType.TEXT)
         else:
             await ws.send_frame(frame, WSMsgType.TEXT)
+
+
+def note_notices(
+    log: structlog.stdlib.BoundLogger,
+    stats: RelayStats,
+    metrics: Metrics | None,
+    notices: Sequence[Notice | SwapNotice],
+) -> structlog.stdlib.BoundLogger:
+    """Logs and metrics for what the core reported (both engines); rare events, off the per-frame path. Returns
+    the connection's logger, bound to the upstream session's id once it is known."""
+    for notice in notices:
+        if isinstance(notice, UpstreamSession):
+            log = log.bind(upstream_session=notice.session_id)
+        elif isinstance(notice, Usage):
+            if metrics is not None:
+                metrics.tokens.labels("input").inc(notice.input_tokens)
+                metrics.tokens.labels("cached").inc(notice.cached_tokens)
+                metrics.tokens.labels("output").inc(notice.output_tokens)
+        elif isinstance(notice, ResetFinished):
+            stats.resets += 1
+            outcome = "partial" if notice.outcome == "completed" and notice.failed else notice.outcome
+            if notice.outcome == "timed_out":
+                stats.resets_timed_out += 1
+            if metrics is not None:
+                metrics.resets.labels(outcome).inc()
+                metrics.reset_seconds.observe(notice.duration_ms / 1000.0)
+                metrics.items_deleted.inc(notice.deleted)
+            log.info(
+                "reset",
+                outcome=outcome,
+                duration_ms=round(notice.duration_ms, 3),
+                items_deleted=notice.deleted,
+                items_failed=notice.failed,
+                response_cancelled=notice.cancelled_response,
+            )
+        elif isinstance(notice, TaskEnded):
+            if metrics is not None:
+                metrics.task_input_tokens.observe(notice.input_tokens)
+            log.info(
+                "task_usage",
+                responses=notice.responses,
+                input_tokens=notice.input_tokens,
+                output_tokens=notice.output_tokens,
+                auto=notice.auto,
+            )
+        elif isinstance(notice, Switched):
+            log.info(
+                "upstream_switched",
+                reason=notice.reason,
+                old_upstream_session=notice.old_session_id,
+                items_left=notice.items,
+            )
+        elif isinstance(notice, LateResponse):
+            log.info("late_response_cancelled", response_id=notice.response_id)
+        elif isinstance(notice, EventsRejected):
+            if metrics is not None:
+                metrics.events_rejected.inc(notice.count)
+            log.warning("events_rejected", count=notice.count, reason="held event limit")
+    return log

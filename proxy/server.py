@@ -13,6 +13,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Sequence
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -22,6 +23,7 @@ from multidict import CIMultiDict, MultiDict, MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST
 from yarl import URL
 
+from proxy import wire
 from proxy.auth import (
     Secrets,
     config_warnings,
@@ -35,7 +37,7 @@ from proxy.config import Config
 from proxy.core.errors import ConfigError, UpstreamRefused, UpstreamUnreachable
 from proxy.core.replay import Dial
 from proxy.metrics import SHARED_SYNC_SECONDS, Metrics
-from proxy.relay import Relay
+from proxy.relay import Relay, RelayStats
 from proxy.upstream import client_session as upstream_client_session
 from proxy.upstream import open_upstream
 
@@ -128,16 +130,12 @@ async def _serve(
     headers, protocols = upstream_credentials(config, state.secrets, request.headers, offered)
     dial = Dial(url, tuple(headers), tuple(protocols))  # a spare is dialed the same way
     started = time.perf_counter()  # not loop.time(): uvloop's moves in whole milliseconds
+    if config.relay.engine == "protocol":
+        return await _serve_wire(request, state, conn_log, url, headers, protocols, started)
     try:
         upstream = await state.connect(dial)
-    except UpstreamRefused as exc:
-        state.metrics.upstream_failures.labels(str(exc.status)).inc()
-        conn_log.info("upstream_refused", status=exc.status)
-        return web.Response(status=exc.status, body=exc.body, headers=CIMultiDict(exc.headers))
-    except UpstreamUnreachable as exc:
-        state.metrics.upstream_failures.labels("unreachable").inc()
-        conn_log.warning("upstream_unreachable", reason=exc.reason)
-        return web.Response(status=502, text=exc.reason + "\n")
+    except (UpstreamRefused, UpstreamUnreachable) as exc:
+        return _dial_failed(state, conn_log, exc)
     state.metrics.upstream_connect_seconds.observe(time.perf_counter() - started)
     if state.draining:  # the drain began while we dialed: this session would outlive it
         await upstream.close(code=WSCloseCode.GOING_AWAY)
@@ -173,20 +171,74 @@ async def _serve(
         await relay.run()
     finally:
         state.sockets.discard(ws)
-        stats = relay.stats
-        relay.log.info(
-            "connection_closed",
-            duration_s=round(time.perf_counter() - started, 3),
-            frames_up=stats.frames_up,
-            frames_down=stats.frames_down,
-            bytes_up=stats.bytes_up,
-            bytes_down=stats.bytes_down,
-            resets=stats.resets,
-            upstream_switches=stats.upstream_switches,
-            client_close_code=stats.client_close_code,
-            upstream_close_code=stats.upstream_close_code,
-        )
+        _log_closed(relay.log, relay.stats, started)
     return ws
+
+
+async def _serve_wire(
+    request: web.Request,
+    state: ServerState,
+    conn_log: structlog.stdlib.BoundLogger,
+    url: str,
+    headers: Sequence[tuple[str, str]],
+    protocols: Sequence[str],
+    started: float,
+) -> web.StreamResponse:
+    """The same session over the Protocol relay (proxy/wire.py): dial, then aiohttp's upgrade, then the socket."""
+    config = state.config
+    try:
+        upstream = await wire.dial(url, headers, protocols, connect_timeout=config.upstream.connect_timeout_seconds)
+    except (UpstreamRefused, UpstreamUnreachable) as exc:
+        return _dial_failed(state, conn_log, exc)
+    state.metrics.upstream_connect_seconds.observe(time.perf_counter() - started)
+    if state.draining:
+        upstream.abort()
+        return _draining(state)
+    try:
+        response, transport, tail = await wire.upgrade(request, upstream.protocol)
+    except BaseException:
+        upstream.abort()
+        raise
+    relay = wire.WireRelay(
+        state.session_config, max_message_bytes=config.limits.max_message_bytes, metrics=state.metrics, log=conn_log
+    )
+    relay.start(transport, tail, request.protocol, upstream)
+    state.sockets.add(relay)
+    relay.log.info("connection_open", upstream_connect_ms=round((time.perf_counter() - started) * 1000, 3))
+    try:
+        await relay.run()
+    finally:
+        state.sockets.discard(relay)
+        _log_closed(relay.log, relay.stats, started)
+    return response
+
+
+def _dial_failed(
+    state: ServerState, conn_log: structlog.stdlib.BoundLogger, exc: UpstreamRefused | UpstreamUnreachable
+) -> web.Response:
+    """A refusal passes on as its status and body; an unreachable upstream is a 502 with a one-line reason."""
+    if isinstance(exc, UpstreamRefused):
+        state.metrics.upstream_failures.labels(str(exc.status)).inc()
+        conn_log.info("upstream_refused", status=exc.status)
+        return web.Response(status=exc.status, body=exc.body, headers=CIMultiDict(exc.headers))
+    state.metrics.upstream_failures.labels("unreachable").inc()
+    conn_log.warning("upstream_unreachable", reason=exc.reason)
+    return web.Response(status=502, text=exc.reason + "\n")
+
+
+def _log_closed(log: structlog.stdlib.BoundLogger, stats: RelayStats, started: float) -> None:
+    log.info(
+        "connection_closed",
+        duration_s=round(time.perf_counter() - started, 3),
+        frames_up=stats.frames_up,
+        frames_down=stats.frames_down,
+        bytes_up=stats.bytes_up,
+        bytes_down=stats.bytes_down,
+        resets=stats.resets,
+        upstream_switches=stats.upstream_switches,
+        client_close_code=stats.client_close_code,
+        upstream_close_code=stats.upstream_close_code,
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -216,6 +268,10 @@ async def main_port_metrics_route(request: web.Request) -> web.Response:
     return await metrics_route(request)
 
 
+class Closable(Protocol):
+    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
+
+
 class ServerState:
     """Everything one proxy (one process) shares between its connections."""
 
@@ -226,7 +282,8 @@ class ServerState:
         self.swap_config = config.swap_config()
         self.metrics = Metrics()
         self.draining = False
-        self.sockets: weakref.WeakSet[web.WebSocketResponse[bool]] = weakref.WeakSet()
+        # Open sessions, told to close on shutdown: aiohttp WebSockets, or the Protocol relays (proxy/wire.py).
+        self.sockets: weakref.WeakSet[Closable] = weakref.WeakSet()
         self.busy = 0  # sessions being served or dialed: the drain waits for none to be left
         self.idle = asyncio.Event()
         self.idle.set()

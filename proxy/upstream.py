@@ -19,7 +19,7 @@ from aiohttp import ClientWSTimeout, WSServerHandshakeError
 
 from proxy.core.errors import UpstreamRefused, UpstreamUnreachable
 
-_MAX_REFUSAL_BODY = 64 * 1024
+MAX_REFUSAL_BODY = 64 * 1024
 # What of an upstream refusal is worth passing on with its status and body.
 REFUSAL_HEADERS = frozenset(
     {"content-type", "retry-after", "x-request-id", "openai-organization", "openai-processing-ms"}
@@ -31,9 +31,9 @@ _refusal_body: ContextVar[bytes] = ContextVar("_refusal_body", default=b"")
 class _KeepRefusalBody(aiohttp.ClientResponse):
     async def start(self, connection: Any) -> aiohttp.ClientResponse:
         response = await super().start(connection)
-        if self.status != 101 and (self.content_length or 0) <= _MAX_REFUSAL_BODY:
+        if self.status != 101 and (self.content_length or 0) <= MAX_REFUSAL_BODY:
             try:
-                _refusal_body.set((await self.content.read(_MAX_REFUSAL_BODY + 1))[:_MAX_REFUSAL_BODY])
+                _refusal_body.set((await self.content.read(MAX_REFUSAL_BODY + 1))[:MAX_REFUSAL_BODY])
             except (aiohttp.ClientError, OSError):
                 _refusal_body.set(b"")
         return response

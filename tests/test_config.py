@@ -140,6 +140,7 @@ BAD_FILES: list[tuple[str, str, str]] = [
     ("origin-null", '[auth]\nallowed_origins = ["null"]\n', "auth.allowed_origins"),
     ("host-with-port", '[auth]\nallowed_hosts = ["proxy.internal:8765"]\n', "auth.allowed_hosts"),
     ("host-as-url", '[auth]\nallowed_hosts = ["http://proxy.internal"]\n', "auth.allowed_hosts"),
+    ("relay-engine-unknown", '[relay]\nengine = "websockets"\n', "relay.engine"),
 ]
 
 

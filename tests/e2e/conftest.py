@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -14,12 +16,39 @@ import pytest
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
 
-from proxy.config import LoggingConfig, config_from_dict
+from proxy.config import Config, LoggingConfig, RelayConfig, RelayEngine, config_from_dict
 from proxy.logs import configure_logging
 from proxy.server import ProxyServer
 from proxy.simulator import SimSession, Simulator, SimulatorConfig
 
 Event = dict[str, Any]
+
+# The relay engine every proxy of this suite runs on, unless a test names one: RRP_RELAY_ENGINE=protocol runs
+# the whole suite over proxy/wire.py (`make test-protocol-engine`), the default being proxy/relay.py.
+ENGINE: RelayEngine | None = os.environ.get("RRP_RELAY_ENGINE") or None  # type: ignore[assignment]
+_ENGINE_NAMED: set[int] = set()  # ids of configs whose test named an engine: ENGINE does not replace it
+
+
+def keep_engine(config: Config) -> Config:
+    """A config whose [relay] engine the test chose: RRP_RELAY_ENGINE does not replace it."""
+    _ENGINE_NAMED.add(id(config))
+    return config
+
+
+@pytest.fixture(autouse=True)
+def relay_engine(monkeypatch: pytest.MonkeyPatch) -> RelayEngine:
+    """Proxies started with the default [relay] run on ENGINE instead (a test that sets the key keeps its own)."""
+    if ENGINE is None:
+        return RelayConfig().engine
+    original = ProxyServer.__init__
+
+    def init(self: ProxyServer, config: Any, *args: Any, **kwargs: Any) -> None:
+        if config.relay == RelayConfig() and id(config) not in _ENGINE_NAMED:
+            config = dataclasses.replace(config, relay=RelayConfig(engine=ENGINE))
+        original(self, config, *args, **kwargs)
+
+    monkeypatch.setattr(ProxyServer, "__init__", init)
+    return ENGINE
 
 
 class Client:
@@ -80,6 +109,8 @@ async def make_stack() -> AsyncIterator[StackFactory]:
             simulator = await stack.enter_async_context(Simulator(sim or SimulatorConfig(delta_interval_s=0.002)))
             upstream = {"url": simulator.url + url_suffix, **sections.pop("upstream", {})}
             config = config_from_dict({"listen": {"port": 0}, "upstream": upstream, **sections})
+            if "relay" in sections:
+                keep_engine(config)
             proxy = await stack.enter_async_context(ProxyServer(config))
             return Stack(simulator, proxy, stack)
 

@@ -16,6 +16,7 @@ import pytest
 from proxy.core.session import Session
 from proxy.relay import Relay
 from proxy.server import ProxyServer
+from proxy.wire import Upstream, WireRelay
 
 
 async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:  # noqa: ASYNC109
@@ -35,8 +36,10 @@ def live(kind: type) -> int:
 
 
 def live_objects() -> tuple[int, int, int]:
-    """(relays, core sessions, upstream sockets) alive: all zero once every connection has ended."""
-    return live(Relay), live(Session), live(aiohttp.ClientWebSocketResponse)  # only the proxy dials with aiohttp
+    """(relays, core sessions, upstream sockets) alive, either engine's: all zero once every connection has ended."""
+    # Only the proxy dials with aiohttp (or with proxy.wire.dial).
+    upstreams = live(aiohttp.ClientWebSocketResponse) + live(Upstream)
+    return live(Relay) + live(WireRelay), live(Session), upstreams
 
 
 def record(request: pytest.FixtureRequest, **figures: object) -> None:
@@ -44,9 +47,42 @@ def record(request: pytest.FixtureRequest, **figures: object) -> None:
     request.node.user_properties.extend(figures.items())
 
 
-def relays() -> list[Relay]:
+def relays() -> list[Relay | WireRelay]:
     gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, Relay)]
+    return [o for o in gc.get_objects() if isinstance(o, Relay | WireRelay)]
+
+
+# Where back-pressure stands in a relay, either engine's. The aiohttp engine's figures are private state of
+# aiohttp's, read (never written).
+
+
+def client_reading_paused(relay: Relay | WireRelay) -> bool:
+    """The proxy stopped reading the client's socket: TCP pushes back on the client."""
+    if isinstance(relay, WireRelay):
+        return relay.client_reading_paused
+    return bool(relay.client._reader._protocol._reading_paused)  # type: ignore[attr-defined]
+
+
+def client_bytes_held(relay: Relay | WireRelay) -> int:
+    """Bytes the proxy holds from this client: frames the core holds back plus those read and not yet fed to it."""
+    unread = relay.client_buffered if isinstance(relay, WireRelay) else relay.client._reader._size  # type: ignore[attr-defined]
+    return int(relay.session._held_bytes) + int(unread)
+
+
+def upstream_reading_paused(relay: Relay | WireRelay) -> bool:
+    if isinstance(relay, WireRelay):
+        return relay.upstream_reading_paused
+    return bool(relay.upstream._writer.protocol._reading_paused)  # type: ignore[attr-defined]
+
+
+def upstream_bytes_held(relay: Relay | WireRelay) -> int:
+    """Bytes the proxy holds for this connection: read from the upstream and not yet passed on, plus the client
+    socket's write buffer."""
+    if isinstance(relay, WireRelay):
+        assert relay.client.transport is not None
+        return relay.upstream_buffered + relay.client.transport.get_write_buffer_size()
+    read = relay.upstream._reader._size  # type: ignore[attr-defined]
+    return int(read) + int(relay.client._writer.transport.get_write_buffer_size())  # type: ignore[attr-defined]
 
 
 def rss_kib() -> int:

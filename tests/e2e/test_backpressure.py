@@ -11,18 +11,8 @@ import pytest
 from proxy.core.session import Session
 from proxy.simulator import SimulatorConfig
 from tests.e2e.conftest import StackFactory, item_event
-from tests.e2e.probes import record, relays, rss_kib, wait_for
+from tests.e2e.probes import client_bytes_held, client_reading_paused, record, relays, rss_kib, wait_for
 from tests.e2e.test_faults import closed_with, deletes_seen
-
-
-def client_reading_paused(relay: Any) -> bool:
-    """aiohttp stopped reading the client's socket (its reader queue is full): TCP pushes back on the client."""
-    return bool(relay.client._reader._protocol._reading_paused)
-
-
-def proxy_holds(relay: Any) -> int:
-    """Bytes the proxy holds from this client: frames the core holds back plus aiohttp's unread queue."""
-    return int(relay.session._held_bytes) + int(relay.client._reader._size)
 
 
 async def test_a_client_pushing_160_mb_behind_a_stalled_reset_is_pushed_back_not_buffered(
@@ -55,7 +45,7 @@ async def test_a_client_pushing_160_mb_behind_a_stalled_reset_is_pushed_back_not
     # An observation window, not a synchronisation: while the reset is stalled, nothing may grow.
     held = []
     for _ in range(40):
-        held.append(proxy_holds(relay))
+        held.append(client_bytes_held(relay))
         await asyncio.sleep(0.005)
     grown = rss_kib() - before
     assert client_reading_paused(relay) and relay.session.paused

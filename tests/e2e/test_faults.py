@@ -24,7 +24,16 @@ from proxy.config import config_from_dict
 from proxy.server import ProxyServer
 from proxy.simulator import SimSession, SimulatorConfig
 from tests.e2e.conftest import Client, StackFactory, item_event
-from tests.e2e.probes import Footprint, live_objects, record, relays, settled, wait_for
+from tests.e2e.probes import (
+    Footprint,
+    live_objects,
+    record,
+    relays,
+    settled,
+    upstream_bytes_held,
+    upstream_reading_paused,
+    wait_for,
+)
 
 
 async def add_items(client: Client, n: int) -> list[str]:
@@ -228,7 +237,7 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_and_the_proxy_hol
     # An observation window, not a synchronisation: while the client still reads nothing, nothing may grow.
     held = []
     for _ in range(40):
-        held.append(proxy_buffered(relay))
+        held.append(upstream_bytes_held(relay))
         await asyncio.sleep(0.005)
     assert upstream_paused()
     sent, relayed = len(upstream.sent), relay.stats.frames_down
@@ -240,25 +249,15 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_and_the_proxy_hol
 
     ids = [(await client.recv())["event_id"] for _ in range(n)]  # the client reads again: all of it, in order
     assert ids == [f"d{i}" for i in range(n)]
-    assert proxy_buffered(relay) == 0
+    assert upstream_bytes_held(relay) == 0
 
 
-# Private state of aiohttp and the simulator, read (never written) to show where back-pressure stands.
-
-
-def upstream_reading_paused(relay: Any) -> bool:
-    return bool(relay.upstream._writer.protocol._reading_paused)
+# Private state of the simulator's websockets, read (never written) to show where back-pressure stands.
 
 
 def simulator_writer_paused(upstream: SimSession) -> bool:
     writer: Any = upstream._ws._writer
     return bool(writer.protocol._paused)
-
-
-def proxy_buffered(relay: Any) -> int:
-    """Bytes the proxy holds for this connection: frames read from the upstream not yet taken, plus the client
-    socket's write buffer."""
-    return int(relay.upstream._reader._size) + int(relay.client._writer.transport.get_write_buffer_size())
 
 
 # --- churn ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from proxy.simulator import SimulatorConfig
 from proxy.simulator.model import CLIENT_EVENT_TYPES
 from tests.e2e.conftest import Client, Stack, StackFactory, item_event
-from tests.e2e.probes import record, relays, wait_for
+from tests.e2e.probes import client_reading_paused, record, relays, wait_for
 
 
 async def add_items(client: Client, n: int) -> list[str]:
@@ -253,8 +253,8 @@ async def test_10000_events_behind_a_stalled_reset_are_pushed_back_then_all_deli
             await client.send({"type": "input_audio_buffer.append", "event_id": event_id, "audio": audio})
 
     sender = asyncio.create_task(send_all())
-    # aiohttp's small queue fills and it stops reading the socket: TCP pushes back on the client.
-    await wait_for(lambda: bool(relay.client._reader._protocol._reading_paused), "the proxy to stop reading")
+    # The proxy's small queue fills and it stops reading the socket: TCP pushes back on the client.
+    await wait_for(lambda: client_reading_paused(relay), "the proxy to stop reading")
     held_while_paused = relay.session.held_count
     # The simulator swallowed the reset's commands (stall_acks); answer them, and the events flow.
     await upstream.send_event({"type": "input_audio_buffer.cleared"})

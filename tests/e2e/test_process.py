@@ -19,8 +19,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from proxy.config import RelayConfig
 from proxy.simulator import Simulator, SimulatorConfig
-from tests.e2e.conftest import Client, item_event
+from tests.e2e.conftest import ENGINE, Client, item_event
 from tests.e2e.test_sidecar import metric_values
 
 KEY = "sk-secret-key-123"
@@ -95,6 +96,9 @@ api_key_env = "RRP_TEST_KEY"
 
 [auth]
 client_tokens_env = "RRP_TEST_TOKENS"
+
+[relay]
+engine = "{ENGINE or RelayConfig().engine}"
 
 [logging]
 level = "info"

@@ -1,0 +1,790 @@
+"""The relay on asyncio Protocols: bytes in, frames parsed by their headers, bytes out; one write per read.
+
+    client socket ─▶ _ClientSide.data_received ─▶ FrameReader(masked) ─▶ Session.client_frame ─┐
+                                                                                              ▼
+    upstream socket ◀── one writelines per read ◀── raw frames (their own mask) / new frames ◀┘
+    (and the same the other way, through FrameReader(unmasked) and Session.upstream_frame)
+
+The same core session as relay.py, fed the same way (a message's payload in, frames out), so a feature of the
+core works in both engines. What differs is the I/O: no message objects, no task per message, no lock; a frame
+the session forwards as it came (the same object back) leaves as the bytes it arrived in, header and client
+mask included, so only a frame the session made or changed is encoded.
+
+Rules:
+- One write per direction per read: what a read (or a timer) produced is gathered and written with one
+  ``writelines``, after everything that read brought was handled.
+- Flow control: a side whose transport says ``pause_writing`` stops the other side's reading until
+  ``resume_writing``. While the core is paused (a reset runs) no more client frames go into it: the frames
+  already read wait here, in order, and are fed once it resumes; past ``STASH_PAUSE_BYTES`` of them, the
+  client's socket is not read any more and TCP pushes back. (Below that the socket is still read, so a client
+  that vanishes mid-reset is seen at once.)
+- Fragmented messages are put together before the core sees them (it decides on whole messages); one the core
+  forwards leaves as its fragments did. Pings are answered here, pongs dropped (as aiohttp's autoping did).
+- UTF-8: the proxy enforces it, as relay.py does, since it has each text payload in hand anyway: an invalid
+  text frame from the client closes it with 1007 (the upstream then hears 1007 from us); from the upstream, 1007
+  to it and 1014 to the client.
+- Close codes: as relay.py's (see `sendable`): an upstream's close passes on (its code and reason), an upstream
+  that vanished is 1014 to the client, a client that vanished is 1001 to the upstream, a fault of ours is
+  logged with its traceback and closes both with 1011. A close frame we send is followed by the transport's
+  close once the peer's close arrives, or by an abort after ``close_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, cast
+
+import structlog
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.http11 import Response
+from websockets.speedups import apply_mask as c_apply_mask
+from websockets.streams import StreamReader
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from proxy.core.errors import UpstreamRefused, UpstreamUnreachable
+from proxy.core.frames import Frame as WireFrame
+from proxy.core.frames import FrameReader, FrameWriter, Opcode, ReaderState
+from proxy.core.session import Binary, Frame, Session, SessionConfig
+from proxy.metrics import Metrics
+from proxy.relay import BAD_GATEWAY, INVALID_UTF8, RelayStats, is_utf8, note_notices, sendable
+from proxy.upstream import MAX_REFUSAL_BODY, REFUSAL_HEADERS
+
+_log = structlog.get_logger("proxy.wire")
+
+STASH_PAUSE_BYTES = 256 * 1024  # client bytes read while the core is paused, past which its socket is not read
+HEARTBEAT_SECONDS = 20.0  # an upstream silent this long is pinged; silent for as long again, it is gone
+_INTERNAL = "proxy internal error"
+_CLIENT_CLOSED = "client closed"
+_UPSTREAM_LOST = "upstream connection lost"
+
+_mask = c_apply_mask  # the C XOR: the hot path's only per-byte work
+
+
+def _encode(writer: FrameWriter, frame: Frame) -> bytes:
+    if isinstance(frame, Binary):
+        return writer.frame(Opcode.BINARY, frame)
+    return writer.frame(Opcode.TEXT, frame.encode() if isinstance(frame, str) else frame)
+
+
+class _Side:
+    """One connection's socket, one direction's reader and writer, and its closing state."""
+
+    __slots__ = (
+        "close_timer",
+        "frag_payload",
+        "frag_raw",
+        "got_close",
+        "lost",
+        "out",
+        "reader",
+        "sent_close",
+        "transport",
+        "write_paused",
+        "writer",
+    )
+
+    def __init__(self, *, masked_in: bool, max_message_bytes: int) -> None:
+        self.reader = FrameReader(masked=masked_in, max_message_bytes=max_message_bytes, apply_mask=_mask)
+        self.writer = FrameWriter(masked=not masked_in, apply_mask=_mask)
+        self.transport: asyncio.Transport | None = None
+        self.out: list[Any] = []  # buffers for this side's next writelines
+        self.frag_raw: list[bytes] = []  # a fragmented message in progress: its frames, its payload parts
+        self.frag_payload: list[bytes] = []
+        self.write_paused = False
+        self.sent_close = False
+        self.got_close = False
+        self.lost = False
+        self.close_timer: asyncio.TimerHandle | None = None
+
+    def flush(self) -> None:
+        if self.out:
+            out, self.out = self.out, []
+            if self.transport is not None and not self.lost:
+                if len(out) == 1:  # the common real-time case: skip writelines' list handling
+                    self.transport.write(out[0])
+                else:
+                    self.transport.writelines(out)
+
+
+class _ClientSide(asyncio.Protocol):
+    """The client's transport, taken over from aiohttp after the upgrade."""
+
+    __slots__ = ("http", "relay")
+
+    def __init__(self, relay: WireRelay, http: asyncio.BaseProtocol | None) -> None:
+        self.relay = relay
+        self.http = http  # aiohttp's protocol: told when the connection ends, so its server forgets it
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.client_data(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.client_lost()
+        http, self.http = self.http, None
+        if http is not None:
+            http.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.relay.client_write_paused(True)
+
+    def resume_writing(self) -> None:
+        self.relay.client_write_paused(False)
+
+
+class _Handshake:
+    """The upstream's HTTP answer being read (websockets' parser); dropped once read, so a session keeps none of it."""
+
+    __slots__ = ("done", "parser", "stream")
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self.stream = StreamReader()
+        self.parser = Response.parse(self.stream.read_line, self.stream.read_exact, self.stream.read_to_eof)
+        next(self.parser)
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Feed bytes (b"" for EOF); once the response is complete, the bytes after it (else None)."""
+        if data:
+            self.stream.feed_data(data)
+        else:
+            self.stream.feed_eof()  # a refusal without Content-Length ends at EOF
+        try:
+            next(self.parser)
+        except StopIteration as stop:
+            self.done.set_result(stop.value)
+            return bytes(self.stream.buffer)  # frames that came with the response
+        except Exception as exc:  # any parse error is a failed handshake, said in one line
+            self.done.set_exception(UpstreamUnreachable(f"upstream handshake failed: {exc}"))
+        return None
+
+
+class _UpstreamSide(asyncio.Protocol):
+    """The upstream's transport: the HTTP handshake first (websockets' parser), then frames for the relay."""
+
+    __slots__ = ("early", "handshake", "lost", "relay", "transport")
+
+    def __init__(self) -> None:
+        self.handshake: _Handshake | None = _Handshake()
+        self.relay: WireRelay | None = None
+        self.transport: asyncio.Transport | None = None
+        self.early = bytearray()  # bytes after the handshake, before the relay is attached
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.upstream_data(data)
+        else:
+            self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        handshake = self.handshake
+        if handshake is None or handshake.done.done():
+            self.early += data
+            return
+        rest = handshake.feed(data)
+        if rest:
+            self.early += rest
+
+    def eof_received(self) -> bool:
+        handshake = self.handshake
+        if handshake is not None and not handshake.done.done():
+            handshake.feed(b"")
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+        handshake = self.handshake
+        if handshake is not None and not handshake.done.done():
+            handshake.feed(b"")
+            if not handshake.done.done():
+                handshake.done.set_exception(UpstreamUnreachable("upstream closed the connection during the handshake"))
+        if self.relay is not None:
+            self.relay.upstream_lost()
+
+    def pause_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.upstream_write_paused(False)
+
+
+class Upstream:
+    """A dialed upstream whose handshake succeeded: its transport, the selected subprotocol, bytes read early."""
+
+    def __init__(self, side: _UpstreamSide, subprotocol: str | None) -> None:
+        self.side = side
+        self.protocol = subprotocol
+
+    def abort(self) -> None:
+        if self.side.transport is not None:
+            self.side.transport.abort()
+
+
+async def dial(
+    url: str,
+    headers: Sequence[tuple[str, str]],
+    subprotocols: Sequence[str],
+    *,
+    connect_timeout: float,
+) -> Upstream:
+    """Open the upstream WebSocket (no extension offered); raises UpstreamRefused or UpstreamUnreachable."""
+    try:
+        uri = parse_uri(url)
+    except InvalidURI as exc:
+        raise UpstreamUnreachable(f"upstream URL is invalid: {exc}") from exc
+    handshake = ClientProtocol(uri, subprotocols=[Subprotocol(p) for p in subprotocols] or None)
+    loop = asyncio.get_running_loop()
+    side: _UpstreamSide | None = None
+    try:
+        async with asyncio.timeout(connect_timeout):
+            _, side = await loop.create_connection(
+                _UpstreamSide,
+                uri.host,
+                uri.port,
+                ssl=ssl.create_default_context() if uri.secure else None,
+            )
+            request = handshake.connect()
+            for name, value in headers:
+                request.headers[name] = value
+            assert side.transport is not None
+            side.transport.write(request.serialize())
+            assert side.handshake is not None
+            response = await side.handshake.done
+            side.handshake = None
+    except TimeoutError as exc:
+        _abort(side)
+        raise UpstreamUnreachable(f"upstream did not answer within {connect_timeout:g} s") from exc
+    except UpstreamUnreachable:
+        _abort(side)
+        raise
+    except OSError as exc:
+        _abort(side)
+        raise UpstreamUnreachable(f"upstream unreachable: {exc.strerror or exc}") from exc
+    if response.status_code != 101:
+        _abort(side)
+        keep = [(k, v) for k, v in response.headers.raw_items() if k.lower() in REFUSAL_HEADERS]
+        raise UpstreamRefused(response.status_code, keep, bytes(response.body[:MAX_REFUSAL_BODY]))
+    try:
+        handshake.process_response(response)
+    except InvalidHandshake as exc:
+        _abort(side)
+        raise UpstreamUnreachable(f"upstream handshake failed: {exc}") from exc
+    if handshake.extensions:  # none was offered: a server that still picks one breaks the protocol
+        _abort(side)
+        raise UpstreamUnreachable("upstream handshake failed: it chose an extension none was offered")
+    return Upstream(side, handshake.subprotocol)
+
+
+def _abort(side: _UpstreamSide | None) -> None:
+    if side is not None and side.transport is not None:
+        side.transport.abort()
+
+
+class _Handover(web.WebSocketResponse):
+    """aiohttp's handshake (its checks, its 101), then nothing of aiohttp's WebSocket: the relay takes the socket.
+
+    Not installing aiohttp's frame reader leaves bytes the client sent after its request in the protocol's
+    message tail, where `take_over` finds them; and the end of the handler must not send a close frame of aiohttp's
+    on a socket that is no longer aiohttp's."""
+
+    def _post_start(self, request: BaseRequest, protocol: str | None, writer: Any) -> None:
+        self._ws_protocol = protocol
+        self._writer = writer
+        request.protocol.keep_alive(False)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self._eof_sent = True
+
+
+async def upgrade(request: web.Request, subprotocol: str | None) -> tuple[web.StreamResponse, asyncio.Transport, bytes]:
+    """Answer the client's upgrade with aiohttp's handshake; the response to return, the transport, early bytes."""
+    ws = _Handover(protocols=(subprotocol,) if subprotocol else (), compress=False)
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client went away during the upgrade")
+    http = request.protocol
+    # What the client sent after its request (aiohttp keeps it for the frame reader it did not get).
+    tail = bytes(http._message_tail)
+    http._message_tail = b""
+    return ws, transport, tail
+
+
+class WireRelay:
+    """One client connection and its upstream, relayed frame by frame through a core Session."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        *,
+        max_message_bytes: int,
+        metrics: Metrics | None = None,
+        log: structlog.stdlib.BoundLogger | None = None,
+        close_timeout: float = 5.0,
+        heartbeat: float | None = None,
+    ) -> None:
+        self.session = Session(config, clock=time.monotonic)
+        self.stats = RelayStats()
+        self.metrics = metrics
+        self.log: structlog.stdlib.BoundLogger = log or _log
+        self._loop = asyncio.get_running_loop()
+        self._close_timeout = close_timeout
+        self._heartbeat = HEARTBEAT_SECONDS if heartbeat is None else heartbeat
+        self.client = _Side(masked_in=True, max_message_bytes=max_message_bytes)
+        self.upstream = _Side(masked_in=False, max_message_bytes=max_message_bytes)
+        self._stash: deque[WireFrame] = deque()  # client frames read while the core is paused, in order
+        self._stash_bytes = 0
+        self._client_reading = True
+        self._upstream_reading = True
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed: float | None = None
+        self._beat: asyncio.TimerHandle | None = None
+        self._upstream_heard = True
+        self._pinged = False
+        self._closing = False
+        self._done = self._loop.create_future()
+
+    # --- start, end -------------------------------------------------------------------------------
+
+    def start(self, client: asyncio.Transport, client_tail: bytes, http: asyncio.BaseProtocol, up: Upstream) -> None:
+        """Take both transports over and feed what each side sent early; nothing awaits in here."""
+        if self.metrics is not None:
+            self.metrics.opened(self)
+        self.client.transport = client
+        client.set_protocol(_ClientSide(self, http))
+        self.upstream.transport = up.side.transport
+        up.side.relay = self
+        early, up.side.early = bytes(up.side.early), bytearray()
+        self._beat = self._loop.call_later(self._heartbeat, self._on_beat)
+        client.resume_reading()  # aiohttp may have paused it while it queued the tail
+        if client_tail:
+            self.client_data(client_tail)
+        if early:
+            self.upstream_data(early)
+        if up.side.lost:
+            self.upstream_lost()
+
+    async def run(self) -> None:
+        """Wait until both sides are closed; a cancelled wait (server shutdown) closes both with 1001 first."""
+        try:
+            await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self._close_both(1001, "proxy shutting down", 1001, "proxy shutting down")
+            raise
+
+    async def close(self, *, code: int = 1001, message: bytes = b"") -> bool:
+        """Close both sides (the server's shutdown): the client hears `code`, the upstream 1001."""
+        self._guard(self._close_both, code, message.decode(errors="replace"), 1001, "proxy shutting down")
+        await asyncio.shield(self._done)
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._done.done()
+
+    @property
+    def held_count(self) -> int:
+        return self.session.held_count
+
+    @property
+    def held_total(self) -> int:
+        return self.session.held_total
+
+    @property
+    def client_reading_paused(self) -> bool:
+        return not self._client_reading
+
+    @property
+    def upstream_reading_paused(self) -> bool:
+        return not self._upstream_reading
+
+    @property
+    def client_buffered(self) -> int:
+        """Client bytes held here: read but not yet fed to the core, plus a frame split across reads."""
+        return self._stash_bytes + self.client.reader.buffered
+
+    @property
+    def upstream_buffered(self) -> int:
+        return self.upstream.reader.buffered
+
+    def _finish_if_done(self) -> None:
+        if self.client.lost and self.upstream.lost and not self._done.done():
+            for handle in (self._timer, self._beat, self.client.close_timer, self.upstream.close_timer):
+                if handle is not None:
+                    handle.cancel()
+            self._stash.clear()
+            self._stash_bytes = 0
+            if self.metrics is not None:
+                self.metrics.closed(self)
+            self._done.set_result(None)
+
+    # --- reads --------------------------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        try:
+            self._client_read(data)
+        except Exception as exc:  # a fault of ours: said loudly, never swallowed
+            self._fault(exc)
+        self.upstream.flush()
+        self.client.flush()
+
+    def upstream_data(self, data: bytes) -> None:
+        self._upstream_heard = True
+        try:
+            self._upstream_read(data)
+        except Exception as exc:
+            self._fault(exc)
+        self.client.flush()
+        self.upstream.flush()
+
+    def _guard(self, step: Any, *args: Any) -> None:
+        """Run one step of ours; a fault in it is logged with its traceback and closes both sides with 1011."""
+        try:
+            step(*args)
+        except Exception as exc:  # a fault of ours: said loudly, never swallowed
+            self._fault(exc)
+        self._flush()
+
+    def _fault(self, exc: Exception) -> None:
+        """A bug or fault of ours: logged with its traceback, and both sides closed with 1011 (internal error)."""
+        self.log.error("relay_fault", exc_info=exc)
+        self._close_both(1011, _INTERNAL, 1011, _INTERNAL)
+
+    def _client_read(self, data: bytes) -> None:
+        side = self.client
+        frames = side.reader.receive_data(data)
+        if self._closing:
+            self._closes_only(side, frames)
+        elif self._stash or self.session.paused:
+            self._stash.extend(frames)
+            self._stash_bytes += len(data)
+        else:
+            self._feed_client(frames, 0, len(data))
+        reader = side.reader
+        if reader.state is ReaderState.FAILED and not self._closing:
+            failure = reader.failure
+            assert failure is not None
+            self.stats.client_close_code = failure.code
+            self._close_both(failure.code, failure.reason, failure.code, _CLIENT_CLOSED)
+        if self._stash_bytes > STASH_PAUSE_BYTES:
+            self._update_reading()
+
+    def _feed_client(self, frames: Sequence[WireFrame], i: int, nbytes: int) -> None:
+        """Feed client frames from `i` while the core takes them; stash the rest once it pauses."""
+        session = self.session
+        n = len(frames)
+        while i < n:
+            frame = frames[i]
+            i += 1
+            self._client_frame(frame)
+            if self._closing:
+                return
+            if session.paused and i < n:
+                self._stash.extend(frames[i:])
+                self._stash_bytes += nbytes  # what keeps those frames alive: the reads they point into
+                return
+
+    def _client_frame(self, frame: WireFrame) -> None:
+        message = self._message(self.client, frame)
+        if message is None:
+            return
+        data, raws = message
+        stats = self.stats
+        stats.frames_up += 1
+        stats.bytes_up += len(data)
+        session = self.session
+        session.client_frame(data)
+        if session.pending_upstream:
+            self._take(self.upstream, session.take_upstream(), data, raws)
+        if session.pending_client:
+            self._take(self.client, session.take_client(), None, ())
+        self._after_core()
+
+    def _upstream_read(self, data: bytes) -> None:
+        side = self.upstream
+        frames = side.reader.receive_data(data)
+        if self._closing:
+            self._closes_only(side, frames)
+        else:
+            for i, frame in enumerate(frames):
+                self._upstream_frame(frame)
+                if self._closing:
+                    self._closes_only(side, frames[i + 1 :])
+                    break
+        reader = side.reader
+        if reader.state is ReaderState.FAILED and not self._closing:
+            failure = reader.failure
+            assert failure is not None
+            self.log.info("upstream_protocol_error", code=failure.code, reason=failure.reason)
+            reason = "upstream broke the protocol: " + failure.reason
+            self._close_both(BAD_GATEWAY, reason, failure.code, failure.reason)
+        if self._stash:
+            self._resume_client_feed()
+
+    def _upstream_frame(self, frame: WireFrame) -> None:
+        message = self._message(self.upstream, frame)
+        if message is None:
+            return
+        data, raws = message
+        stats = self.stats
+        stats.frames_down += 1
+        stats.bytes_down += len(data)
+        session = self.session
+        session.upstream_frame(data)
+        if session.pending_client:
+            self._take(self.client, session.take_client(), data, raws)
+        if session.pending_upstream:
+            self._take(self.upstream, session.take_upstream(), None, ())
+        self._after_core()
+
+    def _closes_only(self, side: _Side, frames: Sequence[WireFrame]) -> None:
+        """Closing: data frames are dropped, but the peer's close frame completes the close handshake."""
+        for frame in frames:
+            if frame.opcode is Opcode.CLOSE:
+                self._control(side, frame)
+
+    def _message(self, side: _Side, frame: WireFrame) -> tuple[Frame, Sequence[Any]] | None:
+        """A whole message for the core (bytes for text, Binary) and the wire bytes it came in; None for a control
+        frame (handled here), a fragment of a message still open, or text that is not UTF-8 (closed here)."""
+        opcode = frame.opcode
+        if opcode >= Opcode.CLOSE:
+            self._control(side, frame)
+            return None
+        raws: Sequence[Any]
+        if not frame.fin or opcode is Opcode.CONT:
+            side.frag_raw.append(bytes(frame.raw))
+            side.frag_payload.append(bytes(frame.payload()))
+            if not frame.fin:
+                return None
+            payload = b"".join(side.frag_payload)
+            raws = side.frag_raw
+            side.frag_raw, side.frag_payload = [], []
+        else:
+            unmasked = frame.payload()  # new bytes for a client's (masked) frame, a view of an upstream's
+            payload = unmasked if isinstance(unmasked, bytes) else bytes(unmasked)
+            raws = (frame.raw,)
+        if frame.message_opcode is not Opcode.TEXT:
+            return Binary(payload), raws
+        if is_utf8(payload):
+            return payload, raws
+        # Never passed on: the other side would be sent an invalid frame.
+        if side is self.client:
+            self.stats.client_close_code = 1007
+            self._close_both(1007, INVALID_UTF8, 1007, _CLIENT_CLOSED)
+        else:  # the upstream broke the protocol: 1007 to it, 1014 to the client
+            self._close_both(BAD_GATEWAY, "upstream sent " + INVALID_UTF8, 1007, INVALID_UTF8)
+        return None
+
+    def _control(self, side: _Side, frame: WireFrame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.PING:
+            side.out.append(side.writer.frame(Opcode.PONG, frame.payload()))
+        elif opcode is Opcode.CLOSE:
+            side.got_close = True
+            close = frame.close
+            assert close is not None
+            if side is self.client:
+                self._client_closed(close.code)
+            else:
+                self._upstream_closed(close.code, close.reason)
+        # A pong: the upstream answered our heartbeat (any bytes count), or a client's unsolicited one.
+
+    # --- what the core hands back ----------------------------------------------------------------------
+
+    @staticmethod
+    def _take(side: _Side, frames: list[Frame], data: Frame | None, raws: Sequence[Any]) -> None:
+        """Queue the core's frames for `side`: `data` (the message just fed, when the core passed it on as it
+        came) as its own wire bytes, header and mask included; any other frame encoded anew."""
+        out = side.out
+        writer = side.writer
+        for frame in frames:
+            if frame is data:
+                out.extend(raws)
+            else:
+                out.append(_encode(writer, frame))
+
+    def _after_core(self) -> None:
+        session = self.session
+        if session.notices:
+            self.log = note_notices(self.log, self.stats, self.metrics, session.take_notices())
+        if session.deadline != self._armed:
+            self._arm()
+
+    def _drain_core(self) -> None:
+        session = self.session
+        if session.pending_upstream:
+            self._take(self.upstream, session.take_upstream(), None, ())
+        if session.pending_client:
+            self._take(self.client, session.take_client(), None, ())
+        self._after_core()
+
+    def _resume_client_feed(self) -> None:
+        """Feed the stashed client frames while the core takes them (after it resumed)."""
+        stash = self._stash
+        session = self.session
+        while stash and not session.paused and not self._closing:
+            self._client_frame(stash.popleft())
+        if not stash:
+            self._stash_bytes = 0
+        self._update_reading()
+
+    # --- the reset timer ----------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self._armed = self.session.deadline
+        if deadline is not None and not self._closing:
+            self._timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._guard(self._timeout)
+
+    def _timeout(self) -> None:
+        deadline = self.session.deadline
+        if deadline is not None and time.monotonic() < deadline:  # the loop's clock is coarser than ours
+            self._arm()
+            return
+        self.session.handle_timeout()
+        self._armed = None
+        self._drain_core()
+        self._resume_client_feed()
+
+    def _on_beat(self) -> None:
+        """The upstream heartbeat: ping an upstream silent for a period; one silent for two is gone."""
+        if self._closing:
+            return
+        if self._upstream_heard:
+            self._upstream_heard = False
+            self._pinged = False
+        elif not self._pinged:
+            self._pinged = True
+            self.upstream.out.append(self.upstream.writer.frame(Opcode.PING, b""))
+            self._flush()
+        else:
+            self.log.warning("upstream_silent", seconds=self._heartbeat * 2)
+            self._close_both(BAD_GATEWAY, "upstream stopped answering", 1001, "no answer to pings")
+            self._flush()
+            return
+        self._beat = self._loop.call_later(self._heartbeat, self._on_beat)
+
+    # --- flow control -------------------------------------------------------------------------------
+
+    def client_write_paused(self, paused: bool) -> None:
+        self.client.write_paused = paused
+        self._update_reading()
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        self.upstream.write_paused = paused
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        # Closing, a side is read on: the peer's close frame is what we wait for.
+        want_client = self._closing or not (self.upstream.write_paused or self._stash_bytes > STASH_PAUSE_BYTES)
+        if want_client != self._client_reading and self.client.transport is not None and not self.client.lost:
+            self._client_reading = want_client
+            if want_client:
+                self.client.transport.resume_reading()
+            else:
+                self.client.transport.pause_reading()
+        want_upstream = self._closing or not self.client.write_paused
+        if want_upstream != self._upstream_reading and self.upstream.transport is not None and not self.upstream.lost:
+            self._upstream_reading = want_upstream
+            if want_upstream:
+                self.upstream.transport.resume_reading()
+            else:
+                self.upstream.transport.pause_reading()
+
+    def _flush(self) -> None:
+        self.upstream.flush()
+        self.client.flush()
+
+    # --- closing ------------------------------------------------------------------------------------
+
+    def _client_closed(self, code: int) -> None:
+        """The client's close frame: tell the upstream with the client's code."""
+        if self._closing:
+            self._closed_after_ours(self.client)
+            return
+        self.stats.client_close_code = code
+        self._close_both(code if code != 1005 else 1000, "", sendable(code, 1001), _CLIENT_CLOSED)
+
+    def _upstream_closed(self, code: int, reason: str) -> None:
+        """The upstream's close frame: its code and reason go to the client."""
+        if self._closing:
+            self._closed_after_ours(self.upstream)
+            return
+        self.stats.upstream_close_code = code
+        self._close_both(sendable(code, BAD_GATEWAY), reason, code if code != 1005 else 1000, "")
+
+    def client_lost(self) -> None:
+        side = self.client
+        side.lost = True
+        if not self._closing:
+            self.stats.client_close_code = 1006
+            # Vanished without a close frame: "going away" as far as the upstream is concerned.
+            self._guard(self._close_both, 1001, "", 1001, _CLIENT_CLOSED)
+        self._lost(side)
+
+    def upstream_lost(self) -> None:
+        side = self.upstream
+        side.lost = True
+        if not self._closing:
+            self._guard(self._close_both, BAD_GATEWAY, _UPSTREAM_LOST, 1001, "")
+        self._lost(side)
+
+    def _lost(self, side: _Side) -> None:
+        if side.close_timer is not None:
+            side.close_timer.cancel()
+            side.close_timer = None
+        side.out.clear()
+        self._finish_if_done()
+
+    def _close_both(self, client_code: int, client_reason: str, upstream_code: int, upstream_reason: str) -> None:
+        """Send each side its close frame (after what is already queued for it); nothing more is relayed."""
+        if self._closing:
+            return
+        self._closing = True
+        self._stash.clear()
+        self._stash_bytes = 0
+        if self._timer is not None:
+            self._timer.cancel()
+        self._send_close(self.client, client_code, client_reason)
+        self._send_close(self.upstream, upstream_code, upstream_reason)
+        self._update_reading()
+
+    def _send_close(self, side: _Side, code: int, reason: str) -> None:
+        transport = side.transport
+        if side.lost or transport is None:
+            return
+        side.sent_close = True
+        side.out.append(side.writer.close(code, reason.encode()[:123].decode(errors="ignore")))
+        side.flush()
+        if side.got_close:
+            transport.close()  # the close handshake is complete: the side said so first
+        else:
+            side.close_timer = self._loop.call_later(self._close_timeout, transport.abort)
+
+    def _closed_after_ours(self, side: _Side) -> None:
+        """The peer's answer to our close frame: the handshake is complete."""
+        if side.sent_close and side.transport is not None:
+            side.flush()
+            side.transport.close()
