@@ -798,10 +798,11 @@ class Session:
 
     def _auto_reset_kind(self, event: Event) -> bool | None:
         """A `response.done` with no reset running: whether its response was in the conversation (read before
-        the done is handled), or None when the policy has no say (no id; a late response we cancelled)."""
+        the done is handled), or None when the policy has no say (no id; a late response we cancelled; one a
+        timed-out reset cancelled: its end belongs to the task that reset ended)."""
         response = event.get("response")
         rid = str_or_none(response.get("id")) if isinstance(response, dict) else None
-        if rid is None or rid in self._doomed:
+        if rid is None or rid in self._doomed or rid in self._unstoppable:
             return None
         return self.conversation.active_responses.get(rid) is Kind.CONVERSATION
 
@@ -834,6 +835,22 @@ class Session:
         if reason is not None:
             fields["auto_reason"] = reason
         return fields
+
+    def hand_over(self, new: Session, reset: Reset) -> tuple[Event, TaskEnded | None]:
+        """A swap moves the client to `new` (another upstream): what the connection carries over (its usage
+        totals, its policy, its checkpoint) goes with it, and the task a client's `reset` ends is ended here (a
+        rollover ends none). Returns the task's fields for the completion, and the task's end to report."""
+        fields = self._task_fields(reset)
+        ended = None
+        if not reset.silent:
+            self._end_task(reset)
+            last = self.notices.pop()
+            assert isinstance(last, TaskEnded)  # _end_task's, just appended
+            ended = last
+        new.usage = self.usage
+        new.policy = self.policy
+        new.checkpoint = self.checkpoint
+        return fields, ended
 
     def _end_task(self, reset: Reset) -> bool:
         """A reset ended: the task's usage starts afresh. True when the reset was a trim (max_items)."""

@@ -40,7 +40,7 @@ from typing import Literal
 from proxy.core.events import RESET_COMPLETED, SESSION_EXPIRING, Event, ResetRequest, ResetStrategy, encode
 from proxy.core.replay import ReplayRecord, Spare
 from proxy.core.reset import Reset
-from proxy.core.session import Frame, ResetFinished, Session, UpstreamSession
+from proxy.core.session import Frame, Notice, ResetFinished, Session, UpstreamSession
 
 MAX_FAILURES = 3  # spares in a row that failed or refused: then none until the client's next session.update
 
@@ -75,7 +75,7 @@ class Switched:
     items: int  # what the old conversation held
 
 
-SwapNotice = Switched | ResetFinished | UpstreamSession
+SwapNotice = Switched | Notice
 
 
 class Swapper:
@@ -302,6 +302,9 @@ class Swapper:
         self._to_client.extend(old.take_client())
         new = Session(old.config, clock=self._clock)
         new.upstream_session_id = new_id
+        task, ended = old.hand_over(new, reset)
+        if ended is not None:
+            self.notices.append(ended)
         self.notices.append(
             Switched("rollover" if reset.silent else "reset", old.upstream_session_id, new_id, len(deleted))
         )
@@ -319,6 +322,7 @@ class Swapper:
                 "duration_ms": round(duration_ms, 3),
                 "strategy": "swap",
                 "upstream_session_id": new_id,
+                **task,
             }
             self._to_client.append(encode(completed))
             self.notices.append(ResetFinished("completed", duration_ms, len(deleted), 0, reset.response_cancelled))

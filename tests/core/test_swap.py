@@ -10,7 +10,7 @@ import pytest
 from proxy.core.errors import InvalidSyntheticEvent
 from proxy.core.events import parse_reset
 from proxy.core.replay import Dial, ReplayRecord, Spare
-from proxy.core.session import Binary, ResetFinished, UpstreamSession
+from proxy.core.session import Binary, ResetFinished, TaskEnded, UpstreamSession
 from proxy.core.swap import MAX_FAILURES, Action, SpareState, SwapConfig, Swapper, Switched
 from tests.core.playbook import Event, Play, types
 
@@ -160,15 +160,18 @@ def test_full_reset_swaps_to_the_ready_spare_without_an_upstream_command() -> No
             "duration_ms": 0.0,
             "strategy": "swap",
             "upstream_session_id": "sess_2",
+            "usage": {"responses": 0, "input_tokens": 0, "output_tokens": 0, "cached_tokens": 0},
+            "auto": False,
         }
     ]
     assert play.session is not old and old.hooks is None and play.session.hooks is play.swapper
     assert play.session.conversation.item_ids == [] and not play.session.paused
     assert play.session.upstream_session_id == "sess_2"
     notices = play.swapper.take_notices()
-    assert notices[0] == Switched("reset", "sess_1", "sess_2", 2)
-    assert notices[1] == UpstreamSession("sess_2")
-    assert isinstance(notices[2], ResetFinished) and notices[2].deleted == 2
+    assert notices[0] == TaskEnded(0, 0, 0, False)
+    assert notices[1] == Switched("reset", "sess_1", "sess_2", 2)
+    assert notices[2] == UpstreamSession("sess_2")
+    assert isinstance(notices[3], ResetFinished) and notices[3].deleted == 2
     assert play.actions() == [Action.DIAL]  # the next spare, at once
     assert play.swapper.take_retired() == [] and play.swapper.switches == 1
     item = {"type": "conversation.item.create", "event_id": "c1", "item": {"type": "message"}}
@@ -565,3 +568,27 @@ def test_binary_frames_are_not_session_updates() -> None:
     play = SwapPlay()
     play.session.client_frame(Binary(b"\x00"))
     assert play.swapper.record.updates == []
+
+
+def test_a_swap_carries_the_connections_usage_policy_and_checkpoint_over() -> None:
+    """The task a swap reset ends is reported (usage on the completion, TaskEnded); the connection's totals, its
+    own policy and its checkpoint live on in the session that takes over."""
+    play = SwapPlay()
+    play.primary_created()
+    play.actions()
+    play.ready_spare("sess_2")
+    play.client({"type": "session.reset.policy", "event_id": "p1", "max_input_tokens": 500})
+    play.client({"type": "session.checkpoint", "event_id": "cp1"})
+    done = {"id": "resp_1", "status": "completed", "output": [], "usage": {"input_tokens": 7, "output_tokens": 3}}
+    play.upstream({"type": "response.done", "response": done})
+    play.client({"type": "session.reset", "event_id": "r1"})
+    assert play.actions() == [Action.SWITCH]
+    (swap,) = play.switch()
+    assert swap["usage"]["input_tokens"] == 7 and swap["usage"]["responses"] == 1 and swap["auto"] is False
+    assert play.swapper.take_notices()[0] == TaskEnded(1, 7, 3, False)
+    new = play.session
+    assert new.policy.max_input_tokens == 500 and new.checkpoint == []
+    assert new.usage.connection.input_tokens == 7 and new.usage.task.input_tokens == 0
+    _, down = play.client({"type": "session.usage", "event_id": "u1"})
+    (result,) = down
+    assert result["connection_usage"]["input_tokens"] == 7 and result["usage"]["input_tokens"] == 0

@@ -384,3 +384,18 @@ def test_an_auto_reset_that_times_out_reports_the_task_in_its_error() -> None:
 def test_session_config_defaults_to_no_policy() -> None:
     assert Session().policy == Policy() == SessionConfig().policy
     assert Policy().as_event() == {"after": "never", "to": "empty", "max_input_tokens": 0, "max_items": 0}
+
+
+def test_the_late_end_of_a_response_a_timed_out_reset_cancelled_starts_no_policy_reset() -> None:
+    """Under `after = "response"`, a client reset times out waiting for its cancel; the response's late
+    `response.done` belongs to the task that reset ended: it does not wipe the next task's input."""
+    p = Play(reset_timeout=5.0)
+    p.client({"type": "session.reset.policy", "event_id": "p1", "after": "response"})
+    p.response_created("r1")
+    p.client({"type": "session.reset", "event_id": "x1", "clear_input_audio": False})
+    p.clock.now += 5.0
+    p.session.handle_timeout()
+    p.take()
+    p.item("u2")  # the next task's input
+    up, down = p.response_done("r1", "cancelled")
+    assert up == [] and [e["type"] for e in down] == ["response.done"] and p.session.reset is None
