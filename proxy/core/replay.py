@@ -40,6 +40,13 @@ class ReplayRecord:
     def record(self, event: Event) -> None:
         self.updates.append(event)
 
+    def refused(self, event_id: str) -> bool:
+        """The client's own upstream refused the update `event_id`: it is not replayed. True if it was here."""
+        kept = [u for u in self.updates if u.get("event_id") != event_id]
+        dropped = len(kept) != len(self.updates)
+        self.updates = kept
+        return dropped
+
 
 class Spare:
     """One spare upstream session being configured by the record (sans-I/O: frames in, frames out)."""

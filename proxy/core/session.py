@@ -267,6 +267,10 @@ class SwapHooks(Protocol):
     def client_session_update(self, event: Event) -> None:
         """A client `session.update` is being sent upstream."""
 
+    def client_event_refused(self, event_id: str) -> None:
+        """The upstream answered the client's event `event_id` with an error (a refused session.update must not
+        be replayed)."""
+
     def session_expired(self) -> bool:
         """The upstream said `session_expired`: True hides the error (the controller rolls over)."""
 
@@ -1240,6 +1244,8 @@ class Session:
                     self._client_clears.remove(entry)
                     break
         self.conversation.client_event_failed(ref, code)
+        if self.hooks is not None:
+            self.hooks.client_event_refused(ref)
         return False
 
     def _unknown_item(self, item_id: str) -> bool | None:

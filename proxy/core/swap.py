@@ -226,6 +226,13 @@ class Swapper:
         elif self._keep_spare:
             self._want_spare()
 
+    def client_event_refused(self, event_id: str) -> None:
+        if self.record.refused(event_id) and self.spare is not None:
+            # The spare was sent it too (and will refuse it, or took a setting the client's upstream did not):
+            # a fresh one, from the record as it is now; the old record's fault is no failure of spares.
+            self._failures = 0
+            self.spare_failed()
+
     def swap_wanted(self, request: ResetRequest) -> bool:
         if not request.full or (self.session.audio_pending and not request.clear_input_audio):
             return False

@@ -953,3 +953,12 @@ def test_a_no_such_item_error_quoting_nothing_answers_the_clients_older_delete_o
     assert reset_completed(down)["deleted_item_ids"] == ["b"]
     _, down = p.error("item_delete_invalid_item_id", NULL, "Item not found")
     assert types(down) == ["error"]
+
+
+def test_a_null_error_no_wording_explains_may_answer_the_resets_clear() -> None:
+    """The reset's clear is the oldest command unanswered: the error is ours (hidden), and the reset completes."""
+    p = Play()
+    up, _ = p.client({"type": "session.reset", "event_id": "r1", "cancel_response": False})
+    assert types(up) == ["input_audio_buffer.clear"]
+    _, down = p.error(NULL, NULL, "internal error")
+    assert types(down) == ["session.reset.completed"] and p.session._late_deletes == {}

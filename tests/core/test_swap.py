@@ -592,3 +592,25 @@ def test_a_swap_carries_the_connections_usage_policy_and_checkpoint_over() -> No
     _, down = play.client({"type": "session.usage", "event_id": "u1"})
     (result,) = down
     assert result["connection_usage"]["input_tokens"] == 7 and result["usage"]["input_tokens"] == 0
+
+
+def test_an_update_the_clients_upstream_refused_is_not_replayed() -> None:
+    """The client's upstream refuses one session.update (its error names the update's event id): it leaves the
+    record, the spare that was sent it is replaced by one configured without it, and swaps go on. (An update
+    with no event id cannot be told apart: it stays, and a spare refusing it is replaced up to three times.)"""
+    play = SwapPlay()
+    play.primary_created()
+    play.actions()
+    play.ready_spare("sess_2")
+    play.client({"type": "session.update", "event_id": "u1", "session": {"voice": "nope"}})
+    assert [u["event_id"] for u in play.swapper.record.updates] == ["u1"]
+    _, down = play.error("invalid_value", "u1", "Invalid value: 'nope'.")
+    assert types(down) == ["error"]  # the client's, shown
+    assert play.swapper.record.updates == [] and play.actions() == [Action.CLOSE_SPARE, Action.DIAL]
+    assert play.ready_spare("sess_3") == []  # nothing to replay: ready once created
+    play.items("a")
+    play.client({"type": "session.reset", "event_id": "r1"})
+    assert play.actions() == [Action.SWITCH]
+    assert completed(play.switch())["upstream_session_id"] == "sess_3"
+    play.error("invalid_value", "someone_else", "x")  # an error for no update changes nothing
+    assert play.swapper.record.updates == []
