@@ -605,15 +605,13 @@ class Session:
         event_id = self._new_id(command=True)
         now = self._clock()
         self._order += 1
-        if kind == "cancel" and reset is not None and target in reset.stale:
-            # A response an earlier reset waited for in vain: cancelled again, but its answer is not awaited
-            # (known as ours should it come; a not-active error or its response.done ends it).
-            self._add_cancel(_Cancel(event_id, target, True, now, self._order, settled=True))
-            self._to_upstream.append(cancel_event(event_id, target))
-            return
-        self._commands[event_id] = Command(kind, target, reset.seq if reset is not None else 0, now, self._order)
-        if reset is not None:
-            reset.outstanding.add(event_id)
+        # A cancel for a response an earlier reset waited for in vain is not awaited (known as ours should its
+        # answer come; a not-active error or its response.done ends the response).
+        unawaited = kind == "cancel" and reset is not None and target in reset.stale
+        if not unawaited:
+            self._commands[event_id] = Command(kind, target, reset.seq if reset is not None else 0, now, self._order)
+            if reset is not None:
+                reset.outstanding.add(event_id)
         if kind == "delete":
             assert target is not None
             self._deletes[target] = event_id
@@ -623,7 +621,7 @@ class Session:
             self._clears.append(event_id)
             self._to_upstream.append(clear_event(event_id))
         else:
-            self._add_cancel(_Cancel(event_id, target, True, now, self._order))
+            self._add_cancel(_Cancel(event_id, target, True, now, self._order, settled=unawaited))
             self._to_upstream.append(cancel_event(event_id, target))
 
     def _add_cancel(self, entry: _Cancel) -> None:
@@ -845,12 +843,7 @@ class Session:
         totals, its policy, its checkpoint) goes with it, and the task a client's `reset` ends is ended here (a
         rollover ends none). Returns the task's fields for the completion, and the task's end to report."""
         fields = self._task_fields(reset)
-        ended = None
-        if not reset.silent:
-            self._end_task(reset)
-            last = self.notices.pop()
-            assert isinstance(last, TaskEnded)  # _end_task's, just appended
-            ended = last
+        ended = None if reset.silent else self._task_ended(reset)
         new.usage = self.usage
         new.policy = self.policy
         new.checkpoint = self.checkpoint
@@ -858,11 +851,16 @@ class Session:
 
     def _end_task(self, reset: Reset) -> bool:
         """A reset ended: the task's usage starts afresh. True when the reset was a trim (max_items)."""
+        trim = self._auto_reason(reset) == "max_items"
+        self.notices.append(self._task_ended(reset))
+        return trim
+
+    def _task_ended(self, reset: Reset) -> TaskEnded:
+        """End the task `reset` ends: its usage starts afresh; returns what to report of it."""
         ended = self.usage.end_task()
-        reason = self._auto_reason(reset)
+        auto = self._auto_reason(reset) is not None
         self._auto = None
-        self.notices.append(TaskEnded(ended.responses, ended.input_tokens, ended.output_tokens, reason is not None))
-        return reason == "max_items"
+        return TaskEnded(ended.responses, ended.input_tokens, ended.output_tokens, auto)
 
     # --- upstream → client --------------------------------------------------------------------------
 
