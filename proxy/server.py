@@ -166,12 +166,7 @@ async def _serve(
         dial=dial,
         connect=state.connect,
     )
-    relay.log.info("connection_open", upstream_connect_ms=round((time.perf_counter() - started) * 1000, 3))
-    try:
-        await relay.run()
-    finally:
-        state.sockets.discard(ws)
-        _log_closed(relay.log, relay.stats, started)
+    await _run_relay(relay, ws, state, started)
     return ws
 
 
@@ -204,13 +199,18 @@ async def _serve_wire(
     )
     relay.start(transport, tail, request.protocol, upstream)
     state.sockets.add(relay)
+    await _run_relay(relay, relay, state, started)
+    return response
+
+
+async def _run_relay(relay: Relay | wire.WireRelay, socket: Closable, state: ServerState, started: float) -> None:
+    """One connection's relay, either engine, from its `connection_open` line to its `connection_closed` one."""
     relay.log.info("connection_open", upstream_connect_ms=round((time.perf_counter() - started) * 1000, 3))
     try:
         await relay.run()
     finally:
-        state.sockets.discard(relay)
+        state.sockets.discard(socket)
         _log_closed(relay.log, relay.stats, started)
-    return response
 
 
 def _dial_failed(
