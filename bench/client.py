@@ -140,13 +140,16 @@ async def pipelined(ws: WS, frame: bytes, window: int, warmup_s: float, measure_
     received = 0
     sent = 0
     stop = False
+    home = asyncio.Event()  # set once sending stopped and every frame sent was answered
 
     async def reader() -> None:
         nonlocal received
-        while not stop or received < sent:
+        while True:
             await _reply(ws)
             received += 1
             credits.release()
+            if stop and received >= sent:
+                home.set()
 
     async def writer() -> None:
         nonlocal sent
@@ -165,7 +168,11 @@ async def pipelined(ws: WS, frame: bytes, window: int, warmup_s: float, measure_
         t1, n1 = now(), received
         stop = True
         credits.release()  # wake a writer parked on the semaphore
-        await asyncio.wait_for(asyncio.gather(*tasks), 10.0)  # drain what is in flight: the socket stays usable
+        await asyncio.wait_for(tasks[1], 10.0)
+        # Drain what is in flight, so the socket stays usable. The reader may be parked on a reply that will never
+        # come (all answered before the stop): it is cancelled then, not waited for (it once stalled the run 10 s).
+        if received < sent:
+            await asyncio.wait_for(home.wait(), 10.0)
     finally:
         for task in tasks:
             task.cancel()
