@@ -441,8 +441,10 @@ class WireRelay:
             self._client_read(data)
         except Exception as exc:  # a fault of ours: said loudly, never swallowed
             self._fault(exc)
-        self.upstream.flush()
-        self.client.flush()
+        if self.upstream.out:
+            self.upstream.flush()
+        if self.client.out:
+            self.client.flush()
 
     def upstream_data(self, data: bytes) -> None:
         self._upstream_heard = True
@@ -450,8 +452,10 @@ class WireRelay:
             self._upstream_read(data)
         except Exception as exc:
             self._fault(exc)
-        self.client.flush()
-        self.upstream.flush()
+        if self.client.out:
+            self.client.flush()
+        if self.upstream.out:
+            self.upstream.flush()
 
     def _guard(self, step: Any, *args: Any) -> None:
         """Run one step of ours; a fault in it is logged with its traceback and closes both sides with 1011."""
@@ -468,15 +472,23 @@ class WireRelay:
 
     def _client_read(self, data: bytes) -> None:
         side = self.client
-        frames = side.reader.receive_data(data)
+        reader = side.reader
+        # The fast path only while nothing waits to be fed first: stashed frames go to the core before these.
+        frames = reader.receive(data, None if self._stash or self._closing else self.session.client_passes)
+        if reader.passed:
+            self.stats.frames_up += reader.passed
+            self.stats.bytes_up += reader.passed_bytes
+            if len(frames) == 1 and reader.state is ReaderState.OPEN:  # the common case: all of it passed on
+                self.upstream.out.append(frames[0])
+                return
         if self._closing:
             self._closes_only(side, frames)
         elif self._stash or self.session.paused:
-            self._stash.extend(frames)
+            # No fast path here (`client_passes` refuses while paused): every one is a Frame.
+            self._stash.extend(cast(list[WireFrame], frames))
             self._stash_bytes += len(data)
         else:
             self._feed_client(frames, 0, len(data))
-        reader = side.reader
         if reader.state is ReaderState.FAILED and not self._closing:
             failure = reader.failure
             assert failure is not None
@@ -485,18 +497,23 @@ class WireRelay:
         if self._stash_bytes > STASH_PAUSE_BYTES:
             self._update_reading()
 
-    def _feed_client(self, frames: Sequence[WireFrame], i: int, nbytes: int) -> None:
-        """Feed client frames from `i` while the core takes them; stash the rest once it pauses."""
+    def _feed_client(self, frames: Sequence[WireFrame | memoryview], i: int, nbytes: int) -> None:
+        """Feed client frames from `i` while the core takes them; stash the rest once it pauses. A memoryview is
+        frames the core passed on already (the fast path: they only ever come first, before any Frame)."""
         session = self.session
         n = len(frames)
         while i < n:
             frame = frames[i]
             i += 1
+            if type(frame) is memoryview:
+                self.upstream.out.append(frame)
+                continue
+            assert isinstance(frame, WireFrame)
             self._client_frame(frame)
             if self._closing:
                 return
             if session.paused and i < n:
-                self._stash.extend(frames[i:])
+                self._stash.extend(cast(Sequence[WireFrame], frames[i:]))  # after a Frame: Frames only
                 self._stash_bytes += nbytes  # what keeps those frames alive: the reads they point into
                 return
 
@@ -518,16 +535,26 @@ class WireRelay:
 
     def _upstream_read(self, data: bytes) -> None:
         side = self.upstream
-        frames = side.reader.receive_data(data)
+        reader = side.reader
+        frames = reader.receive(data, None if self._closing else self.session.upstream_passes)
+        if reader.passed:
+            self.stats.frames_down += reader.passed
+            self.stats.bytes_down += reader.passed_bytes
+            if len(frames) == 1 and reader.state is ReaderState.OPEN and not self._stash:
+                self.client.out.append(frames[0])
+                return
         if self._closing:
             self._closes_only(side, frames)
         else:
             for i, frame in enumerate(frames):
+                if type(frame) is memoryview:
+                    self.client.out.append(frame)
+                    continue
+                assert isinstance(frame, WireFrame)
                 self._upstream_frame(frame)
                 if self._closing:
                     self._closes_only(side, frames[i + 1 :])
                     break
-        reader = side.reader
         if reader.state is ReaderState.FAILED and not self._closing:
             failure = reader.failure
             assert failure is not None
@@ -553,10 +580,10 @@ class WireRelay:
             self._take(self.upstream, session.take_upstream(), None, ())
         self._after_core()
 
-    def _closes_only(self, side: _Side, frames: Sequence[WireFrame]) -> None:
+    def _closes_only(self, side: _Side, frames: Sequence[WireFrame | memoryview]) -> None:
         """Closing: data frames are dropped, but the peer's close frame completes the close handshake."""
         for frame in frames:
-            if frame.opcode is Opcode.CLOSE:
+            if type(frame) is not memoryview and frame.opcode is Opcode.CLOSE:
                 self._control(side, frame)
 
     def _message(self, side: _Side, frame: WireFrame) -> tuple[Frame, Sequence[Any]] | None:

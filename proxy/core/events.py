@@ -98,6 +98,7 @@ _TYPE_PREFIX_B = re.compile(_PREFIX.encode())
 
 
 _MAX_QUOTES = 64  # past this many later quotes the frame is not an audio frame: a full parse is as cheap
+_SHORT_HEAD = 2048  # up to this many bytes a six-byte search beats hopping from quote to quote
 
 
 def sniff_type(data: bytes | str) -> str | None:
@@ -107,32 +108,43 @@ def sniff_type(data: bytes | str) -> str | None:
     """
     if isinstance(data, str):
         m = _TYPE_PREFIX_S.match(data)
-        if (
-            m is None
-            or data.find("\\", m.end()) != -1
-            or _later_type_key(data.encode("utf-8", "surrogatepass"), m.end())
-        ):
+        if m is None or data.find("\\", m.end()) != -1:
             return None
-        return m.group(1)
-    mb = _TYPE_PREFIX_B.match(data)
-    if mb is None or data.find(b"\\", mb.end()) != -1 or _later_type_key(data, mb.end()):
-        return None
-    return mb.group(1).decode("ascii")
+        pos = m.end()
+        data = data.encode("utf-8", "surrogatepass")
+        found = m.group(1)
+    else:
+        mb = _TYPE_PREFIX_B.match(data)
+        if mb is None:
+            return None
+        pos = mb.end()
+        if data.find(b"\\", pos) != -1:
+            return None
+        found = mb.group(1).decode("ascii")
+    # Is there a later `"type"` key? With no backslash after `pos`, every quote there is a string's boundary,
+    # so such a key starts and ends at a quote. An audio frame's payload is one long quote-free base64 string,
+    # most often the last value: the two last quotes (two `memrchr`) bound it, no occurrence can start inside
+    # it, so only the few dozen bytes before it are searched. A big string elsewhere is crossed by hopping
+    # quote to quote (a `memchr` each), and past `_MAX_QUOTES` of them the answer is "parse it".
+    last = data.rfind(b'"', pos)
+    before = data.rfind(b'"', pos, last) if last != -1 else -1
+    if before == -1:
+        return found  # at most one quote: no key
+    end = min(before + 6, last + 1)  # every occurrence lies in [pos, end)
+    if end - pos <= _SHORT_HEAD:
+        return None if data.find(b'"type"', pos, end) != -1 else found
+    return None if _hop_to_type_key(data, pos, end) else found
 
 
-def _later_type_key(data: bytes, pos: int) -> bool:
-    """Whether `"type"` may occur after `pos` (True also when there are too many quotes to look at).
-
-    Hops from quote to quote (a memchr each) instead of searching for the six-byte key: an audio frame's
-    payload is one long base64 string without a quote, crossed in a single hop.
-    """
+def _hop_to_type_key(data: bytes, pos: int, end: int) -> bool:
+    """Whether a quote in [pos, end) opens `"type"` (True also past `_MAX_QUOTES` quotes)."""
     find = data.find
     startswith = data.startswith
     for _ in range(_MAX_QUOTES):
-        q = find(b'"', pos)
+        q = find(b'"', pos, end)
         if q == -1:
             return False
-        if startswith(b'type"', q + 1):
+        if startswith(b'type"', q + 1, end):
             return True
         pos = q + 1
     return True

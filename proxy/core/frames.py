@@ -52,10 +52,13 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 Bytes: TypeAlias = bytes | bytearray | memoryview
 MaskFunction: TypeAlias = Callable[[Bytes, bytes], bytes]
+# The fast path's question to the session: may this whole message (its payload, whether it is text) go on as it
+# came, with nothing else to do? True means the session took it (counted it) and the caller forwards its bytes.
+Passes: TypeAlias = Callable[[bytes, bool], bool]
 
 
 class Opcode(IntEnum):
@@ -101,6 +104,7 @@ def close_code_allowed(code: int) -> bool:
 def apply_mask(data: Bytes, mask: bytes) -> bytes:
     """XOR `data` with the 4-byte `mask` repeated: two big ints and one XOR, no per-byte Python loop."""
     n = len(data)
+    mask = bytes(mask)  # a memoryview cannot be repeated
     key = mask * (n // 4) + mask[: n % 4]
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
@@ -214,6 +218,8 @@ class FrameReader:
         "failure",
         "masked",
         "max_message_bytes",
+        "passed",
+        "passed_bytes",
         "state",
     )
 
@@ -230,6 +236,8 @@ class FrameReader:
         self._offset = 0  # stream offset of the first byte not yet handed out in a frame
         self._buf = bytearray()  # the start of a frame split across reads, and nothing else
         self._pending = 0  # that frame's total length once its header is in and checked, else 0
+        self.passed = 0  # frames the last `receive` passed on as they came, and their payload bytes
+        self.passed_bytes = 0
 
     @property
     def message_open(self) -> bool:
@@ -243,16 +251,79 @@ class FrameReader:
 
     def receive_data(self, data: Bytes) -> list[Frame]:
         """Every frame `data` completes, in order. Check `state` afterwards: it may have closed or failed."""
+        return cast(list[Frame], self.receive(data))
+
+    def receive(self, data: Bytes, passes: Passes | None = None) -> list[Frame | memoryview]:
+        """As `receive_data`, with the fast path: from the start of `data`, each plain frame (final, whole, outside
+        a fragmented message, text only if ASCII) that `passes` takes is handed out as wire bytes to forward,
+        never as a Frame: a memoryview for a frame an earlier read began, then one for the run of them in this
+        read. The first frame `passes` refuses ends the run: it and every frame after it are Frames (the session
+        must see them in order, and a frame it refused may change what it takes next). So the memoryviews, if
+        any, come first. `passed` and `passed_bytes` count the frames passed on."""
+        self.passed = self.passed_bytes = 0
         if self.state is not ReaderState.OPEN:
             return []
-        frames: list[Frame] = []
+        frames: list[Frame | memoryview] = []
         view = memoryview(data)
-        pos = self._fill(view, frames) if self._buf else 0
+        pos = 0
+        if self._buf:
+            pos = self._fill(view, frames, passes)
+            if frames and type(frames[-1]) is not memoryview:
+                passes = None
         if pos >= 0 and self.state is ReaderState.OPEN:
+            if passes is not None and self._message is None:
+                pos = self._pass_run(view, pos, frames, passes)
             self._scan(view, pos, frames)
         return frames
 
-    def _fill(self, view: memoryview, frames: list[Frame]) -> int:
+    def _pass_run(self, view: memoryview, pos: int, frames: list[Frame | memoryview], passes: Passes) -> int:
+        """From `pos`, the frames `passes` takes, handed out as one view; where the first one not passed starts.
+
+        The header rules are `_head`'s common case (a final text or binary frame, masked as it must be, within
+        the size limit); anything else stops the run, and the general path reads and checks it."""
+        n = len(view)
+        start = pos
+        count = size = 0
+        masked = self._mask_bit
+        limit = self.max_message_bytes
+        unmask = self._unmask
+        while n - pos >= 2:
+            b0 = view[pos]
+            b1 = view[pos + 1]
+            if (b0 != 0x81 and b0 != 0x82) or b1 & _MASK_BIT != masked:
+                break
+            ln = b1 & 0x7F
+            if ln < 126:
+                hl = 2
+            elif ln == 126:
+                if n - pos < 4:
+                    break
+                ln = view[pos + 2] << 8 | view[pos + 3]
+                hl = 4
+            else:
+                if n - pos < 10:
+                    break
+                ln = int.from_bytes(view[pos + 2 : pos + 10], "big")
+                hl = 10
+            body = pos + hl + (4 if masked else 0)
+            end = body + ln
+            if end > n or (limit is not None and ln > limit):
+                break
+            payload = unmask(view[body:end], view[body - 4 : body]) if masked else bytes(view[body:end])
+            text = b0 == 0x81
+            if (text and not payload.isascii()) or not passes(payload, text):
+                break
+            count += 1
+            size += ln
+            pos = end
+        if count:
+            frames.append(view[start:pos])
+            self._offset += pos - start
+            self.passed += count
+            self.passed_bytes += size
+        return pos
+
+    def _fill(self, view: memoryview, frames: list[Frame | memoryview], passes: Passes | None) -> int:
         """Complete the frame split across reads; where the rest of `view` starts, or -1 when none is left."""
         buf = self._buf
         taken = 0
@@ -266,7 +337,7 @@ class FrameReader:
             if total <= len(buf):
                 # A small frame finished inside the bytes taken; the rest of them go back to the scan.
                 self._buf = bytearray()
-                self._complete(memoryview(buf).toreadonly()[:total], frames)
+                self._hand_out(memoryview(buf).toreadonly()[:total], frames, passes)
                 return taken - (len(buf) - total)
             self._pending = total
         missing = self._pending - len(buf)
@@ -276,10 +347,15 @@ class FrameReader:
         buf += view[taken : taken + missing]
         self._buf = bytearray()  # the full one now backs the frame handed out: never resize it again
         self._pending = 0
-        self._complete(memoryview(buf).toreadonly(), frames)
+        self._hand_out(memoryview(buf).toreadonly(), frames, passes)
         return taken + missing
 
-    def _scan(self, view: memoryview, pos: int, frames: list[Frame]) -> None:
+    def _hand_out(self, raw: memoryview, frames: list[Frame | memoryview], passes: Passes | None) -> None:
+        """The frame that was split across reads: passed on if `passes` takes it, else a Frame."""
+        if passes is None or self._message is not None or not self._pass_run(raw, 0, frames, passes):
+            self._complete(raw, frames)
+
+    def _scan(self, view: memoryview, pos: int, frames: list[Frame | memoryview]) -> None:
         """Hand out the frames wholly inside `view` from `pos` (no copy); keep a split last one."""
         n = len(view)
         while pos < n:
@@ -347,7 +423,7 @@ class FrameReader:
             return Failure(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented message")
         return None
 
-    def _complete(self, raw: memoryview, frames: list[Frame]) -> None:
+    def _complete(self, raw: memoryview, frames: list[Frame | memoryview]) -> None:
         """Account for a checked, complete frame and hand it out."""
         b0 = raw[0]
         opcode = _OPCODES[b0 & 0x0F]

@@ -138,6 +138,14 @@ _UPSTREAM_INTERESTING = frozenset(
         ERROR,
     }
 )
+
+
+def _upstream_unread(data: Frame) -> bool:
+    """An upstream text frame forwarded without a parse: its type is none the core tracks."""
+    sniffed = sniff_type(data)
+    return sniffed is not None and sniffed not in _UPSTREAM_INTERESTING
+
+
 # Codes an error with a null event_id may carry that name what failed (so no guess by order is made), and
 # codes that answer no command at all.
 _KNOWN_CODES = frozenset({CODE_ALREADY_ACTIVE, CODE_COMMIT_EMPTY, CODE_UNKNOWN_ITEM, CODE_CANCEL_NOT_ACTIVE})
@@ -432,15 +440,24 @@ class Session:
         finally:
             self._releasing = False
 
-    def _client_now(self, data: Frame) -> None:
-        if isinstance(data, Binary):
-            self._to_upstream.append(data)
-            return
+    def client_passes(self, data: bytes, text: bool) -> bool:
+        """The fast path (proxy/core/frames.py `Passes`): True when `client_frame` would only forward this
+        message as it came. It then counts as forwarded, the caller sends its wire bytes, and `client_frame` is
+        not called for it; nothing changes when False (then call `client_frame`)."""
+        return self.reset is None and not self._held and (not text or self._unread(data))
+
+    def _unread(self, data: Frame) -> bool:
+        """A text frame forwarded without a parse (an append or the like: nothing to read in it); noted if so."""
         sniffed = sniff_type(data)
-        if sniffed is not None and sniffed not in self._client_interesting:
-            if sniffed == AUDIO_APPEND:
-                self.audio_pending = True
-            self._to_upstream.append(data)  # an append or the like: nothing to read in it
+        if sniffed is None or sniffed in self._client_interesting:
+            return False
+        if sniffed == AUDIO_APPEND:
+            self.audio_pending = True
+        return True
+
+    def _client_now(self, data: Frame) -> None:
+        if isinstance(data, Binary) or self._unread(data):
+            self._to_upstream.append(data)
             return
         event = decode(data)
         etype = event.get("type") if event is not None else None
@@ -864,12 +881,12 @@ class Session:
 
     # --- upstream → client --------------------------------------------------------------------------
 
+    def upstream_passes(self, data: bytes, text: bool) -> bool:
+        """The fast path, as `client_passes`: True when `upstream_frame` would only forward this message."""
+        return not text or _upstream_unread(data)
+
     def upstream_frame(self, data: Frame) -> None:
-        if isinstance(data, Binary):
-            self._to_client.append(data)
-            return
-        sniffed = sniff_type(data)
-        if sniffed is not None and sniffed not in _UPSTREAM_INTERESTING:
+        if isinstance(data, Binary) or _upstream_unread(data):
             self._to_client.append(data)  # a delta or the like: it changes nothing we track
             return
         event = decode(data)

@@ -94,23 +94,48 @@ def test_duplicate_and_escaped_type_keys_fall_back_to_a_full_parse() -> None:
 def test_session_decisions_do_not_depend_on_the_fast_path(frames: list[tuple[dict[str, Any], int, bool]]) -> None:
     """A session with the fast path and one with it turned off send exactly the same frames both ways."""
 
-    def run(fast: bool) -> tuple[list[Any], list[Any]]:
+    def run(fast: bool, passes: bool = False) -> tuple[list[Any], list[Any]]:
         original = events.sniff_type
         session = Session(clock=lambda: 0.0)
         import proxy.core.session as session_module
 
         session_module.sniff_type = original if fast else (lambda data: None)  # type: ignore[assignment]
+        up: list[Any] = []
+        down: list[Any] = []
         try:
             for obj, style, upstream in frames:
                 frame = serialise(obj, style)
+                # As the Protocol relay does: a frame the session passes is sent as it came, in its place.
+                if passes and (session.upstream_passes if upstream else session.client_passes)(frame, True):
+                    (down if upstream else up).append(frame)
+                    continue
                 (session.upstream_frame if upstream else session.client_frame)(frame)
-            up, down = session.data_to_send()
+                more_up, more_down = session.data_to_send()
+                up += more_up
+                down += more_down
         finally:
             session_module.sniff_type = original
         # Frames the proxy made carry fresh event ids; compare them without those.
         return [_strip(f) for f in up], [_strip(f) for f in down]
 
-    assert run(True) == run(False)
+    assert run(True) == run(False) == run(True, passes=True)
+
+
+def test_what_the_session_passes_on_as_it_came() -> None:
+    """The relay's fast path asks the session first: audio (either way) and binary frames pass; a command the
+    core reads, or anything while a reset runs, does not, and then nothing was counted."""
+    session = Session(clock=lambda: 0.0)
+    append = b'{"type":"input_audio_buffer.append","audio":"AAAA"}'
+    assert session.client_passes(append, True) and session.audio_pending
+    assert session.client_passes(b"\x00\x01", False)
+    assert not session.client_passes(b'{"type":"conversation.item.delete","item_id":"a"}', True)
+    assert session.upstream_passes(b'{"type":"response.output_audio.delta","delta":"AAAA"}', True)
+    assert session.upstream_passes(b"\x00", False)
+    assert not session.upstream_passes(b'{"type":"response.done","response":{}}', True)
+    session.client_frame(b'{"type":"session.reset","event_id":"r"}')
+    assert session.paused
+    assert not session.client_passes(append, True) and not session.client_passes(b"\x00", False)
+    assert session.upstream_passes(b'{"type":"response.output_audio.delta","delta":"AAAA"}', True)
 
 
 def _strip(frame: bytes | str) -> Any:
@@ -122,12 +147,21 @@ def _strip(frame: bytes | str) -> Any:
 
 
 def test_a_frame_with_many_quotes_after_the_type_is_parsed_in_full() -> None:
-    """Past a bounded number of later quotes the fast path steps aside instead of hopping on."""
-    many = {"type": "input_audio_buffer.append", **{f"k{i}": "v" for i in range(40)}}
+    """Before the last string value a short head is searched at once; a long one is hopped quote to quote, and
+    past a bounded number of quotes the fast path steps aside instead of hopping on."""
+    short = {"type": "input_audio_buffer.append", **{f"k{i}": "v" for i in range(40)}}
+    assert sniff_type(orjson.dumps(short)) == "input_audio_buffer.append"
+    assert sniff_type(orjson.dumps({**short, "k9": {"type": "x"}})) is None
+    many = {"type": "input_audio_buffer.append", **{f"k{i}": "v" * 60 for i in range(40)}}
     assert sniff_type(orjson.dumps(many)) is None
     few = {"type": "input_audio_buffer.append", "event_id": "e", "audio": "A" * 100_000}
     assert sniff_type(orjson.dumps(few)) == "input_audio_buffer.append"
     assert sniff_type(orjson.dumps(few).decode()) == "input_audio_buffer.append"
+    audio_first = {"type": "input_audio_buffer.append", "audio": "A" * 100_000, "event_id": "e"}
+    assert sniff_type(orjson.dumps(audio_first)) == "input_audio_buffer.append"
+    assert sniff_type(orjson.dumps({**audio_first, "x": {"type": "y"}})) is None
+    assert sniff_type(b'{"type":"input_audio_buffer.append","audio":"AAAA') == "input_audio_buffer.append"
+    assert sniff_type(b'{"type":"response.done","type"') is None  # the last string is "type" itself
 
 
 def test_a_str_frame_with_a_lone_surrogate_is_not_a_crash() -> None:
@@ -135,3 +169,18 @@ def test_a_str_frame_with_a_lone_surrogate_is_not_a_crash() -> None:
     frame = '{"type":"input_audio_buffer.append","audio":"\ud800"}'
     assert sniff_type(frame) == "input_audio_buffer.append"
     assert decode(frame) is None
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(st.sampled_from([b'"', b"type", b'"type"', b"A" * 7, b"A" * 700, b":", b","]), max_size=30),
+    st.integers(0, 40),
+)
+def test_the_later_key_search_misses_no_occurrence(parts: list[bytes], pos: int) -> None:
+    """Against the plain search: every `"type"` after `pos` is found; a "maybe" only past the quote bound."""
+    data = b"".join(parts)
+    found = sniff_type(b'{"type":"x"' + data[pos:]) is None  # the search starts right after the prefix
+    plain = data.find(b'"type"', pos) != -1
+    assert found or not plain
+    if found and not plain:
+        assert data.count(b'"', pos) > events._MAX_QUOTES

@@ -619,29 +619,75 @@ DIFFERENTIAL = settings(
 )
 
 
-def check_against_websockets(masked: bool, stream: bytes, reads: list[bytes], max_size: int | None) -> None:
-    """After every read, the same frames from both; in the end the same close code, or the same close."""
+class Passing:
+    """A fast path's `passes` that takes or refuses frames as told (cycling through `decisions`), and checks the
+    reader's side of the contract: only plain frames are offered (final, text only if ASCII), and nothing more
+    within a read once one was refused."""
+
+    def __init__(self, decisions: list[bool]) -> None:
+        self.decisions = decisions or [True]
+        self.calls = 0
+        self.taken: list[tuple[Opcode, bool, bytes]] = []  # the heads of the frames passed on, in order
+        self.refused_in_read = False
+
+    def __call__(self, payload: bytes, text: bool) -> bool:
+        assert not self.refused_in_read, "offered a frame after one was refused in the same read"
+        assert isinstance(payload, bytes) and (not text or payload.isascii())
+        take = self.decisions[self.calls % len(self.decisions)]
+        self.calls += 1
+        if take:
+            self.taken.append((Opcode.TEXT if text else Opcode.BINARY, True, payload))
+        else:
+            self.refused_in_read = True
+        return take
+
+
+def check_against_websockets(
+    masked: bool, stream: bytes, reads: list[bytes], max_size: int | None, passing: Passing | None = None
+) -> None:
+    """After every read, the same frames from both; in the end the same close code, or the same close. With
+    `passing`, the frames passed on count as handed out, in their place, and their bytes tile the stream too."""
     ours = FrameReader(masked=masked, max_message_bytes=max_size)
     theirs = Protocol(SERVER if masked else CLIENT, max_size=max_size)
     handed: list[Frame] = []
+    spans: list[memoryview] = []  # the wire bytes of everything handed out or passed on, in order
     for data in reads:
-        frames = ours.receive_data(data)
+        if passing is None:
+            items: list[Frame | memoryview] = list(ours.receive_data(data))
+        else:
+            passing.refused_in_read = False
+            before = len(passing.taken)
+            items = ours.receive(data, passing)
+            assert ours.passed == len(passing.taken) - before
+            assert ours.passed_bytes == sum(len(h[2]) for h in passing.taken[before:])
+            runs = [i for i, item in enumerate(items) if isinstance(item, memoryview)]
+            # First, before any Frame: the frame an earlier read began (its own buffer), then the run in this one.
+            assert runs in ([], [0], [0, 1]), runs
         theirs.receive_data(data)
         events = theirs.events_received()
-        assert heads(frames) == [(Opcode(e.opcode), e.fin, bytes(e.data)) for e in events]
-        for frame, event in zip(frames, events, strict=True):
+        frames = [item for item in items if isinstance(item, Frame)]
+        got = heads(frames)
+        if passing is not None:
+            got = passing.taken[before:] + got
+        assert got == [(Opcode(e.opcode), e.fin, bytes(e.data)) for e in events]
+        for frame, event in zip(frames, events[len(events) - len(frames) :], strict=True):
             if frame.opcode is Opcode.CLOSE:
                 parsed = WsClose.parse(bytes(event.data))
                 assert frame.close == Close(parsed.code, parsed.reason)
+        for item in items:
+            if isinstance(item, Frame):
+                assert item.start == sum(len(s) for s in spans)
+                spans.append(item.raw)
+            else:
+                spans.append(item)
         handed += frames
     # Forwarding as is means byte for byte: the frames' spans tile the stream from its start.
-    assert b"".join(f.raw for f in handed) == stream[: sum(len(f.raw) for f in handed)]
-    assert [f.start for f in handed] == [sum(len(f.raw) for f in handed[:i]) for i in range(len(handed))]
+    assert b"".join(spans) == stream[: sum(len(s) for s in spans)]
     note_event(f"{len(reads)} reads" if len(reads) < 4 else "4+ reads")
     failure = ours.failure
     if failure is not None and theirs.parser_exc is None:
         # We refuse a frame from its header; websockets once its payload is in: give it the rest (any bytes).
-        assert len(stream) - sum(len(f.raw) for f in handed) < 14 + 65537, "websockets had all of it, yet read on"
+        assert len(stream) - sum(len(s) for s in spans) < 14 + 65537, "websockets had all of it, yet read on"
         note_event("refused from the header before websockets had the payload")
         theirs.receive_data(bytes(1 << 17))
         assert theirs.events_received() == []
@@ -673,6 +719,23 @@ def test_upstream_streams_read_as_websockets_reads_them(
     stream: Stream, max_size: int | None, points: list[int]
 ) -> None:
     check_against_websockets(False, stream.data, cut(stream.data, points), max_size)
+
+
+@given(
+    st.booleans(),
+    st.data(),
+    MAX_SIZES,
+    st.lists(st.integers(0, 1 << 20), max_size=8),
+    st.lists(st.booleans(), max_size=6),
+)
+@DIFFERENTIAL
+def test_streams_read_through_the_fast_path_as_websockets_reads_them(
+    masked: bool, data: st.DataObject, max_size: int | None, points: list[int], decisions: list[bool]
+) -> None:
+    """The fast path (`receive` with `passes`): frames passed on and frames handed out are, in order, the frames
+    websockets reads; their bytes tile the stream; the same close code or close in the end."""
+    stream = data.draw(streams(masked=masked))
+    check_against_websockets(masked, stream.data, cut(stream.data, points), max_size, Passing(decisions))
 
 
 @given(streams(masked=True, sizes=SMALL_SIZES), MAX_SIZES)
@@ -747,3 +810,21 @@ def test_our_writer_and_websockets_serializer_write_the_same_frames(
     protocol.receive_data(opening + ours)
     event = protocol.events_received()[-1]
     assert (event.opcode, event.fin, bytes(event.data)) == (opcode, fin, payload)
+
+
+def test_the_fast_path_leaves_a_split_header_to_the_general_path() -> None:
+    """A read that ends inside a 16- or 64-bit length: the run stops there, and the frame is read once whole."""
+    taken: list[bytes] = []
+
+    def passes(payload: bytes, text: bool) -> bool:
+        taken.append(payload)
+        return True
+
+    for size in (200, 70_000):
+        reader = FrameReader(masked=False, max_message_bytes=None)
+        small, big = wire(Opcode.BINARY, b"ab"), wire(Opcode.BINARY, b"x" * size)
+        first = reader.receive(small + big[:3], passes)
+        assert [bytes(b) for b in first] == [small] and reader.passed == 1 and reader.buffered == 3
+        rest = reader.receive(big[3:], passes)
+        assert [bytes(b) for b in rest] == [big] and reader.passed_bytes == size
+    assert taken == [b"ab", b"x" * 200, b"ab", b"x" * 70_000]
