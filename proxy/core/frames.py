@@ -55,7 +55,7 @@ from enum import Enum, IntEnum
 from typing import TypeAlias, cast
 
 Bytes: TypeAlias = bytes | bytearray | memoryview
-MaskFunction: TypeAlias = Callable[[Bytes, bytes], bytes]
+MaskFunction: TypeAlias = Callable[[Bytes, Bytes], bytes]
 # The fast path's question to the session: may this whole message (its payload, whether it is text) go on as it
 # came, with nothing else to do? True means the session took it (counted it) and the caller forwards its bytes.
 Passes: TypeAlias = Callable[[bytes, bool], bool]
@@ -101,7 +101,7 @@ def close_code_allowed(code: int) -> bool:
     return code in _SENDABLE_CODES or 3000 <= code < 5000
 
 
-def apply_mask(data: Bytes, mask: bytes) -> bytes:
+def apply_mask(data: Bytes, mask: Bytes) -> bytes:
     """XOR `data` with the 4-byte `mask` repeated: two big ints and one XOR, no per-byte Python loop."""
     n = len(data)
     mask = bytes(mask)  # a memoryview cannot be repeated

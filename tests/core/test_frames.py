@@ -203,6 +203,12 @@ def test_a_c_mask_function_is_used_when_given() -> None:
     reader = FrameReader(masked=True, max_message_bytes=None, apply_mask=c_apply_mask)
     [frame] = reader.receive_data(wire(Opcode.TEXT, b"hello", mask=MASK))
     assert frame.payload() == b"hello"
+    # The fast path hands it the mask as a memoryview of the header, which its stub does not admit.
+    data = wire(Opcode.TEXT, b"hello", mask=MASK)
+    assert c_apply_mask(memoryview(data)[6:], memoryview(data)[2:6]) == b"hello"  # type: ignore[arg-type]
+    passed: list[bytes] = []
+    reader.receive(data, lambda payload, text: passed.append(payload) is None)
+    assert passed == [b"hello"] and reader.passed == 1
 
 
 @given(st.binary(max_size=300), st.binary(min_size=4, max_size=4))
