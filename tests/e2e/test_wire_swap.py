@@ -1,0 +1,182 @@
+"""Swap and rollover on the protocol engine (proxy/wire.py) where its I/O differs from relay.py's: a spare is a
+second socket read by its own frame reader, a switch happens between two frames of one read, and the spare's
+dial is a task the relay owns. tests/e2e/test_swap.py checks the behaviour both engines share."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy import wire
+from proxy.core.replay import Dial
+from proxy.core.swap import MAX_FAILURES, SpareState
+from proxy.server import ServerState
+from proxy.simulator import SimulatorConfig
+from proxy.wire import WireRelay
+from tests.e2e.conftest import StackFactory, item_event
+from tests.e2e.probes import live_objects, relays, settled, wait_for
+from tests.e2e.test_wire import UP, RawClient, texts_created
+
+PROTOCOL = {"engine": "protocol"}
+
+
+def the_relay() -> WireRelay:
+    (relay,) = relays()
+    assert isinstance(relay, WireRelay)
+    return relay
+
+
+async def spare_ready() -> None:
+    def ready() -> bool:
+        swapper = the_relay().swapper
+        return swapper is not None and swapper.spare is not None and swapper.spare.ready
+
+    await wait_for(ready, "a ready spare")
+
+
+def frame(event: dict[str, Any]) -> bytes:
+    return UP.frame(wire.Opcode.TEXT, orjson.dumps(event))
+
+
+def gate_spare_dials(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, list[Dial]]:
+    """Spare dials (every dial after a client's first) wait for the returned event; the dials are listed."""
+    gate = asyncio.Event()
+    dials: list[Dial] = []
+    original = ServerState.wire_connect
+
+    async def connect(self: ServerState, dial: Dial) -> wire.Upstream:
+        dials.append(dial)
+        if len(dials) > 1:
+            await gate.wait()
+        return await original(self, dial)
+
+    monkeypatch.setattr(ServerState, "wire_connect", connect)
+    return gate, dials
+
+
+@pytest.mark.parametrize("how", ["closes", "drops"])
+async def test_a_spare_that_goes_away_is_replaced_and_the_swap_uses_the_replacement(
+    make_stack: StackFactory, how: str
+) -> None:
+    """The ready spare closes its connection (1011), or its TCP connection drops without a close frame: the client
+    hears nothing of it, a third session is dialed and configured, and the reset swaps to that one."""
+    stack = await make_stack(reset={"strategy": "swap"}, relay=PROTOCOL)
+    client, old = await stack.client()
+    lost = await stack.sim.wait_for_sessions(2)
+    await spare_ready()
+    if how == "closes":
+        await lost.close(1011, "going")
+    else:
+        lost._ws._req.transport.abort()  # RST, no close frame
+    await lost.wait_until(lambda s: s.closed)
+    replacement = await stack.sim.wait_for_sessions(3)
+    await spare_ready()
+    await client.send(item_event("old"))
+    await client.until("conversation.item.added")
+    await client.send({"type": "session.reset"})
+    done = await client.until("session.reset.completed")
+    assert done["strategy"] == "swap" and done["upstream_session_id"] == replacement.id
+    assert "error" not in client.types() and client.types().count("session.created") == 1
+    assert old.close_code == 1000 and not client.ws.close_code
+
+
+async def test_a_switch_in_the_middle_of_a_read_sends_the_rest_of_it_to_the_new_upstream(
+    make_stack: StackFactory,
+) -> None:
+    """A reset and three creates in one write (one read): the reset switches at once (nothing to quiet), and the
+    creates after it in that same read reach the new upstream only, in order; the old one got none of them."""
+    stack = await make_stack(reset={"strategy": "swap"}, relay=PROTOCOL)
+    raw = await RawClient.connect(stack)
+    await raw.event("session.created")
+    old = await stack.sim.wait_for_sessions(1)
+    spare = await stack.sim.wait_for_sessions(2)
+    await spare_ready()
+    creates = [item_event(f"new {i}", f"new_{i}") for i in range(3)]
+    raw.writer.write(b"".join(frame(e) for e in [{"type": "session.reset", "event_id": "r1"}, *creates]))
+    done = await raw.event("session.reset.completed")
+    assert done["strategy"] == "swap" and done["upstream_session_id"] == spare.id
+    added = [(await raw.event("conversation.item.added"))["item"]["id"] for _ in range(3)]
+    assert added == ["new_0", "new_1", "new_2"] == spare.item_ids
+    assert texts_created(spare) == ["new 0", "new 1", "new 2"] and texts_created(old) == []
+    await old.wait_until(lambda s: s.closed)
+    assert old.close_code == 1000
+    await raw.close()
+
+
+async def test_client_frames_read_during_a_rollover_reach_the_fresh_upstream_in_order(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream ends at its cap (1001) while the spare's dial is held up: three creates the client sends then
+    are read and held by the proxy; once the fresh session is configured they reach it, in order, and the client
+    never hears of the move."""
+    gate, dials = gate_spare_dials(monkeypatch)
+    stack = await make_stack(sim=SimulatorConfig(session_max_s=0.3, session_expired_error=False), relay=PROTOCOL)
+    raw = await RawClient.connect(stack)
+    await raw.event("session.created")
+    first = await stack.sim.wait_for_sessions(1)
+    await first.wait_until(lambda s: s.closed)
+    await wait_for(lambda: len(dials) == 2, "the spare's dial")
+    creates = b"".join(frame(item_event(f"held {i}", f"held_{i}")) for i in range(3))
+    raw.writer.write(creates)
+    relay = the_relay()
+    await wait_for(lambda: relay.client_buffered == len(creates), "the proxy to read and hold the creates")
+    gate.set()
+    second = await stack.sim.wait_for_sessions(2)
+    added = [(await raw.event("conversation.item.added"))["item"]["id"] for _ in range(3)]
+    assert added == ["held_0", "held_1", "held_2"] == second.item_ids
+    assert relay.stats.upstream_switches == 1 and dials[1] == dials[0]
+    await raw.close()
+
+
+async def test_a_spare_dial_in_flight_when_the_client_leaves_is_ended_with_the_relay(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under "swap" the spare's dial is held up; the client closes: the dial is cancelled, and no task, relay,
+    session or upstream socket is left; the proxy's upstream saw one session only."""
+    gate, dials = gate_spare_dials(monkeypatch)
+    stack = await make_stack(reset={"strategy": "swap"}, relay=PROTOCOL)
+    client, upstream = await stack.client()
+    await wait_for(lambda: len(dials) == 2, "the spare's dial")
+    await client.ws.close()
+    await settled(stack.proxy)
+    assert live_objects() == (0, 0, 0) and len(stack.sim.sessions) == 1 and upstream.closed
+    assert not gate.is_set()
+
+
+async def test_spares_that_cannot_be_reached_leave_resets_to_deletes(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch, json_logs: Callable[[], list[dict[str, Any]]]
+) -> None:
+    """Spare dials meet a closed port (connection refused): three tries, each logged, then none; nothing of it
+    reaches the client, whose resets delete on its own upstream."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    original = ServerState.wire_connect
+    dials: list[Dial] = []
+
+    async def connect(self: ServerState, dial: Dial) -> wire.Upstream:
+        dials.append(dial)
+        if len(dials) > 1:  # a spare's
+            dial = Dial(f"ws://127.0.0.1:{closed_port}/v1/realtime", dial.headers, dial.subprotocols)
+        return await original(self, dial)
+
+    monkeypatch.setattr(ServerState, "wire_connect", connect)
+    stack = await make_stack(reset={"strategy": "swap"}, relay=PROTOCOL)
+    client, upstream = await stack.client()
+    swapper = the_relay().swapper
+    assert swapper is not None
+    await wait_for(lambda: swapper.spare_state is SpareState.ABSENT and not swapper.actions, "the dials to give up")
+    await client.send(item_event("x"))
+    await client.until("conversation.item.added")
+    await client.send({"type": "session.reset"})
+    done = await client.until("session.reset.completed")
+    assert done["strategy"] == "delete" and upstream.item_ids == [] and not upstream.closed
+    assert "error" not in client.types() and client.types().count("session.created") == 1
+    failed = [line for line in json_logs() if line["event"] == "spare_failed"]
+    assert len(dials) == 1 + MAX_FAILURES and len(failed) == MAX_FAILURES
+    assert all(line["reason"].startswith("upstream unreachable") for line in failed)
