@@ -148,7 +148,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
-    # "aiohttp" (proxy/relay.py) is the default: only it can move a client to another upstream (swap, rollover).
+    # "aiohttp" (proxy/relay.py) or "protocol" (proxy/wire.py); both swap and roll over (proxy/core/swap.py).
     engine: RelayEngine = "aiohttp"
 
 
