@@ -152,12 +152,13 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 rss("wire"),
             )
         )
-        if "proxy_swap" in mem:
+        if "proxy_swap" in mem or "wire_swap" in mem:
             out.append(
                 Row(
                     f"RSS per idle session with a warm spare (strategy swap), {mem['sessions']:,} open (KiB)",
                     "—",
                     rss("proxy_swap"),
+                    wire=rss("wire_swap"),
                 )
             )
     rst = results.get("reset")
