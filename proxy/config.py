@@ -148,8 +148,8 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
-    # "aiohttp" (proxy/relay.py) or "protocol" (proxy/wire.py); both swap and roll over (proxy/core/swap.py).
-    engine: RelayEngine = "aiohttp"
+    # "protocol" (proxy/wire.py, the faster) or "aiohttp" (proxy/relay.py); both swap and roll over (core/swap.py).
+    engine: RelayEngine = "protocol"
 
 
 @dataclass(frozen=True, slots=True)
