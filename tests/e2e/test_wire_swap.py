@@ -5,14 +5,18 @@ dial is a task the relay owns. tests/e2e/test_swap.py checks the behaviour both 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import pytest
 
 from proxy import wire
+from proxy.core.frames import Frame, FrameReader, Opcode
 from proxy.core.replay import Dial
 from proxy.core.swap import MAX_FAILURES, SpareState
 from proxy.server import ServerState
@@ -20,7 +24,7 @@ from proxy.simulator import SimulatorConfig
 from proxy.wire import WireRelay
 from tests.e2e.conftest import StackFactory, item_event
 from tests.e2e.probes import live_objects, relays, settled, wait_for
-from tests.e2e.test_wire import UP, RawClient, texts_created
+from tests.e2e.test_wire import DOWN, UP, RawClient, texts_created
 
 PROTOCOL = {"engine": "protocol"}
 
@@ -40,7 +44,7 @@ async def spare_ready() -> None:
 
 
 def frame(event: dict[str, Any]) -> bytes:
-    return UP.frame(wire.Opcode.TEXT, orjson.dumps(event))
+    return UP.frame(Opcode.TEXT, orjson.dumps(event))
 
 
 def gate_spare_dials(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, list[Dial]]:
@@ -180,3 +184,128 @@ async def test_spares_that_cannot_be_reached_leave_resets_to_deletes(
     failed = [line for line in json_logs() if line["event"] == "spare_failed"]
     assert len(dials) == 1 + MAX_FAILURES and len(failed) == MAX_FAILURES
     assert all(line["reason"].startswith("upstream unreachable") for line in failed)
+
+
+class ScriptedUpstream:
+    """An upstream on a bare socket: the 101 by hand, then frames the test writes in one write each (so they
+    reach the proxy in one read), and the frames the proxy sent, parsed. One per connection the proxy opens."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.frames = FrameReader(masked=True, max_message_bytes=None)
+        self.pending: list[Frame] = []
+
+    def send(self, *frames: bytes | dict[str, Any]) -> None:
+        """Events (dicts) as text frames, or frames as they are, all in one write."""
+        encoded = (f if isinstance(f, bytes) else DOWN.frame(Opcode.TEXT, orjson.dumps(f)) for f in frames)
+        self.writer.write(b"".join(encoded))
+
+    async def next_frame(self) -> Frame:
+        while not self.pending:
+            self.pending.extend(self.frames.receive_data(await self.reader.read(65536)))
+        return self.pending.pop(0)
+
+    async def event(self) -> dict[str, Any]:
+        """The next text frame's event (control frames before it are passed over)."""
+        while True:
+            frame = await self.next_frame()
+            if frame.opcode is Opcode.TEXT:
+                return dict(orjson.loads(bytes(frame.payload())))
+
+
+@contextlib.asynccontextmanager
+async def scripted_upstreams() -> AsyncIterator[tuple[str, asyncio.Queue[ScriptedUpstream]]]:
+    """A listener whose connections, once upgraded, are queued for the test to script; its URL and the queue."""
+    accepted: asyncio.Queue[ScriptedUpstream] = asyncio.Queue()
+    every: list[ScriptedUpstream] = []
+
+    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        fields = (line.split(":", 1) for line in head.split("\r\n")[1:] if line)
+        key = next(value.strip() for name, value in fields if name.lower() == "sec-websocket-key")
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        every.append(ScriptedUpstream(reader, writer))
+        await accepted.put(every[-1])
+
+    server = await asyncio.start_server(upgrade, "127.0.0.1", 0)
+    try:
+        yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/realtime", accepted
+    finally:
+        server.close()
+        for upstream in every:
+            upstream.writer.close()
+        await asyncio.gather(*(u.writer.wait_closed() for u in every), return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_what_the_old_upstream_sent_after_the_frame_that_switched_reaches_nobody(
+    make_stack: StackFactory,
+) -> None:
+    """A swap reset cancels a running response; the old upstream answers with its response.done and, in the same
+    write (one read), one more event: the switch comes between the two, so the client gets the done, then
+    completed, then what the new upstream sends, and never the old upstream's last event."""
+    async with scripted_upstreams() as (url, accepted):
+        stack = await make_stack(upstream={"url": url}, reset={"strategy": "swap"}, relay=PROTOCOL)
+        raw = await RawClient.connect(stack)
+        old = await accepted.get()
+        old.send({"type": "session.created", "session": {"id": "sess_old"}})
+        await raw.event("session.created")
+        spare = await accepted.get()
+        spare.send({"type": "session.created", "session": {"id": "sess_new"}})
+        await spare_ready()
+        raw.writer.write(frame({"type": "response.create"}))
+        assert (await old.event())["type"] == "response.create"
+        old.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "output": []}})
+        await raw.event("response.created")
+        raw.writer.write(frame({"type": "session.reset", "event_id": "r1"}))
+        cancel = await old.event()
+        assert cancel["type"] == "response.cancel"
+        done = {"type": "response.done", "response": {"id": "resp_1", "status": "cancelled", "output": []}}
+        old.send(done, {"type": "rate_limits.updated", "event_id": "old_last", "rate_limits": []})
+        assert (await raw.event("response.done"))["response"]["status"] == "cancelled"
+        completed = await raw.event("session.reset.completed")
+        assert completed["strategy"] == "swap" and completed["upstream_session_id"] == "sess_new"
+        spare.send({"type": "rate_limits.updated", "event_id": "new_first", "rate_limits": []})
+        assert (await raw.event("rate_limits.updated"))["event_id"] == "new_first"
+        closing = await old.next_frame()
+        assert closing.opcode is Opcode.CLOSE and closing.close is not None
+        assert (closing.close.code, closing.close.reason) == (1000, "session moved")
+        await raw.close()
+
+
+async def test_a_spare_that_becomes_the_upstream_in_the_middle_of_a_read_hands_the_rest_to_the_client(
+    make_stack: StackFactory,
+) -> None:
+    """A rollover waits for the spare; the spare's first write is a ping, its session.created in two fragments,
+    and an event: the ping is answered, the (reassembled) session.created makes it ready and switches the client
+    to it there, and the event after it, in that same read, reaches the client as the new upstream's."""
+    async with scripted_upstreams() as (url, accepted):
+        stack = await make_stack(upstream={"url": url}, relay=PROTOCOL)
+        raw = await RawClient.connect(stack)
+        old = await accepted.get()
+        old.send({"type": "session.created", "session": {"id": "sess_old"}})
+        await raw.event("session.created")
+        old.send(DOWN.close(1001, "session cap"))  # idle and empty: a rollover, the client held until the switch
+        answer = await old.next_frame()
+        assert answer.opcode is Opcode.CLOSE and answer.close is not None and answer.close.code == 1001
+        spare = await accepted.get()
+        created = orjson.dumps({"type": "session.created", "session": {"id": "sess_new"}})
+        spare.send(
+            DOWN.frame(Opcode.PING, b"hi"),
+            DOWN.frame(Opcode.TEXT, created[:9], fin=False),
+            DOWN.frame(Opcode.CONT, created[9:]),
+            {"type": "rate_limits.updated", "event_id": "new_first", "rate_limits": []},
+        )
+        pong = await spare.next_frame()
+        assert (pong.opcode, bytes(pong.payload())) == (Opcode.PONG, b"hi")
+        assert (await raw.event("rate_limits.updated"))["event_id"] == "new_first"
+        relay = the_relay()
+        assert relay.stats.upstream_switches == 1 and relay.session.upstream_session_id == "sess_new"
+        raw.writer.write(frame(item_event("after", "after")))
+        assert (await spare.event())["item"]["id"] == "after"  # the client's events go to the new upstream
+        await raw.close()
