@@ -350,12 +350,14 @@ class _Other:
     Its events go to the relay's spare handling while it is the spare, and only to its own close once retired;
     its write pauses count for nothing of the client's (they are noted, for the moment it becomes the upstream)."""
 
-    __slots__ = ("protocol", "relay", "side")
+    __slots__ = ("heard", "pinged", "protocol", "relay", "side")
 
     def __init__(self, relay: WireRelay, side: _Side, protocol: _UpstreamSide) -> None:
         self.relay = relay
         self.side = side
         self.protocol = protocol
+        self.heard = True  # the spare's heartbeat, as the client's upstream's (`WireRelay._on_beat`)
+        self.pinged = False
 
     def upstream_data(self, data: bytes) -> None:
         self.relay.other_data(self, data)
@@ -857,6 +859,7 @@ class WireRelay:
 
     def other_data(self, other: _Other, data: bytes) -> None:
         """Bytes from an upstream socket that is not the client's upstream."""
+        other.heard = True
         if other is self._spare:
             self._guard(self._spare_read, other, data)
         else:  # retired: we sent it our close; only its answer matters
@@ -956,9 +959,20 @@ class WireRelay:
         self._resume_client_feed()
 
     def _on_beat(self) -> None:
-        """The upstream heartbeat: ping an upstream silent for a period; one silent for two is gone."""
+        """The upstream heartbeat: ping an upstream silent for a period; one silent for two is gone. The spare's
+        too (as aiohttp's heartbeat does for relay.py's): it keeps it open through NATs, and a dead one is replaced."""
         if self._closing:
             return
+        spare = self._spare
+        if spare is not None:
+            if spare.heard:
+                spare.heard = spare.pinged = False
+            elif not spare.pinged:
+                spare.pinged = True
+                spare.side.out.append(spare.side.writer.frame(Opcode.PING, b""))
+                spare.side.flush()
+            else:
+                self._guard(self._spare_failed, "the spare stopped answering pings")
         if self._upstream_heard or self.upstream.sent_close:  # (sent_close: a rollover waits for the next one)
             self._upstream_heard = False
             self._pinged = False

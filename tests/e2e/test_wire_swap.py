@@ -63,6 +63,21 @@ def gate_spare_dials(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, li
     return gate, dials
 
 
+def redirect_spare_dials(monkeypatch: pytest.MonkeyPatch, url: str) -> list[Dial]:
+    """Spare dials (every dial after a client's first) go to `url`, with the client's headers; the dials are listed."""
+    original = ServerState.wire_connect
+    dials: list[Dial] = []
+
+    async def connect(self: ServerState, dial: Dial) -> wire.Upstream:
+        dials.append(dial)
+        if len(dials) > 1:
+            dial = Dial(url, dial.headers, dial.subprotocols)
+        return await original(self, dial)
+
+    monkeypatch.setattr(ServerState, "wire_connect", connect)
+    return dials
+
+
 @pytest.mark.parametrize("how", ["closes", "drops"])
 async def test_a_spare_that_goes_away_is_replaced_and_the_swap_uses_the_replacement(
     make_stack: StackFactory, how: str
@@ -160,16 +175,7 @@ async def test_spares_that_cannot_be_reached_leave_resets_to_deletes(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
-    original = ServerState.wire_connect
-    dials: list[Dial] = []
-
-    async def connect(self: ServerState, dial: Dial) -> wire.Upstream:
-        dials.append(dial)
-        if len(dials) > 1:  # a spare's
-            dial = Dial(f"ws://127.0.0.1:{closed_port}/v1/realtime", dial.headers, dial.subprotocols)
-        return await original(self, dial)
-
-    monkeypatch.setattr(ServerState, "wire_connect", connect)
+    dials = redirect_spare_dials(monkeypatch, f"ws://127.0.0.1:{closed_port}/v1/realtime")
     stack = await make_stack(reset={"strategy": "swap"}, relay=PROTOCOL)
     client, upstream = await stack.client()
     swapper = the_relay().swapper
@@ -309,3 +315,27 @@ async def test_a_spare_that_becomes_the_upstream_in_the_middle_of_a_read_hands_t
         raw.writer.write(frame(item_event("after", "after")))
         assert (await spare.event())["item"]["id"] == "after"  # the client's events go to the new upstream
         await raw.close()
+
+
+async def test_a_spare_that_stops_answering_pings_is_replaced(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch, json_logs: Callable[[], list[dict[str, Any]]]
+) -> None:
+    """The heartbeat pings the spare too: one that says nothing for two periods is closed (1000) and another is
+    dialed, while the client's own upstream (which answers) carries on."""
+    monkeypatch.setattr(wire, "HEARTBEAT_SECONDS", 0.05)
+    async with scripted_upstreams() as (url, accepted):
+        redirect_spare_dials(monkeypatch, url)
+        stack = await make_stack(reset={"strategy": "swap"}, relay=PROTOCOL)
+        client, upstream = await stack.client()
+        silent = await accepted.get()
+        silent.send({"type": "session.created", "session": {"id": "sess_silent"}})
+        ping = await silent.next_frame()
+        assert ping.opcode is Opcode.PING
+        closing = await silent.next_frame()
+        assert closing.opcode is Opcode.CLOSE and closing.close is not None and closing.close.code == 1000
+        await accepted.get()  # the replacement's dial
+        reasons = {line["reason"] for line in json_logs() if line["event"] == "spare_failed"}
+        assert reasons == {"the spare stopped answering pings"}  # (the replacement, silent too, may follow it)
+        await client.send(item_event("still here", "here"))
+        await client.until("conversation.item.added")
+        assert upstream.item_ids == ["here"] and not client.ws.close_code
