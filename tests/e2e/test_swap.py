@@ -9,8 +9,8 @@ from websockets.exceptions import ConnectionClosed
 
 from proxy.core.swap import SpareState
 from proxy.relay import Relay
-from proxy.wire import WireRelay
 from proxy.simulator import SimSession, SimulatorConfig
+from proxy.wire import WireRelay
 from tests.e2e.conftest import Client, Stack, StackFactory, item_event
 from tests.e2e.probes import live_objects, relays, settled, wait_for
 
