@@ -56,7 +56,7 @@ from proxy.core.replay import Dial, ReplayRecord
 from proxy.core.session import Binary, Frame, Session, SessionConfig
 from proxy.core.swap import Action, SwapConfig, Swapper
 from proxy.metrics import Metrics
-from proxy.relay import BAD_GATEWAY, INVALID_UTF8, RelayStats, is_utf8, note_notices, sendable
+from proxy.relay import BAD_GATEWAY, INVALID_UTF8, RelayStats, is_utf8, note_notices, relay_deadline, sendable
 from proxy.upstream import MAX_REFUSAL_BODY, REFUSAL_HEADERS
 
 _log = structlog.get_logger("proxy.wire")
@@ -924,12 +924,7 @@ class WireRelay:
         self._lost(side)
 
     def _deadline(self) -> float | None:
-        """The earlier of the session's deadline and the swap controller's."""
-        deadline = self.session.deadline
-        other = self.swapper.deadline if self.swapper is not None else None
-        if deadline is None or (other is not None and other < deadline):
-            return other
-        return deadline
+        return relay_deadline(self.session, self.swapper)
 
     # --- the reset timer ----------------------------------------------------------------------------
 

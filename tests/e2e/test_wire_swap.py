@@ -22,25 +22,19 @@ from proxy.core.swap import MAX_FAILURES, SpareState
 from proxy.server import ServerState
 from proxy.simulator import SimulatorConfig
 from proxy.wire import WireRelay
+from tests.e2e import test_swap
 from tests.e2e.conftest import StackFactory, item_event
-from tests.e2e.probes import live_objects, relays, settled, wait_for
+from tests.e2e.probes import live_objects, settled, wait_for
+from tests.e2e.test_swap import spare_ready
 from tests.e2e.test_wire import DOWN, UP, RawClient, texts_created
 
 PROTOCOL = {"engine": "protocol"}
 
 
 def the_relay() -> WireRelay:
-    (relay,) = relays()
+    relay = test_swap.the_relay()
     assert isinstance(relay, WireRelay)
     return relay
-
-
-async def spare_ready() -> None:
-    def ready() -> bool:
-        swapper = the_relay().swapper
-        return swapper is not None and swapper.spare is not None and swapper.spare.ready
-
-    await wait_for(ready, "a ready spare")
 
 
 def frame(event: dict[str, Any]) -> bytes:
