@@ -27,6 +27,13 @@ Rules:
   that vanished is 1014 to the client, a client that vanished is 1001 to the upstream, a fault of ours is
   logged with its traceback and closes both with 1011. A close frame we send is followed by the transport's
   close once the peer's close arrives, or by an abort after ``close_timeout``.
+- Swap and rollover (with a swap config, proxy/core/swap.py, as relay.py): a spare upstream is a second socket
+  with its own frame reader; its frames go to the controller, never to the client, and its write pauses stop
+  no one's reading. The controller's actions are carried out right after the core step that asked for them,
+  between two frames of a read: at a switch the spare becomes the client's upstream (and `session` another
+  core session), the old one is sent what it still had coming and a close 1000, and the rest of its read, like
+  all it sends later, reaches nobody. Spare dials are tasks of the relay's, cancelled when it closes; the relay
+  is done once every socket it opened, spares and retired upstreams included, is gone.
 """
 
 from __future__ import annotations
