@@ -8,6 +8,7 @@ job, thermal, the page cache) lands on all of them alike and "added latency" com
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import statistics
@@ -342,14 +343,12 @@ async def memory(
             if "error" not in retry:
                 result = {**retry, "error": result["error"], "sessions": fewer}
         out[name] = result
-    # The same proxy keeping a warm spare per connection ([reset] strategy = "swap"): two upstream sockets each.
-    out["proxy_swap"] = await _idle_rss_fresh(
-        session,
-        lambda: start_proxy(workdir, "proxy-mem-swap", echo_url, '\n[reset]\nstrategy = "swap"\n'),
-        plan.idle_sessions,
-        "proxy, strategy swap",
-        log,
-    )
+    # The same proxy keeping a warm spare per connection ([reset] strategy = "swap"): two upstream sockets each,
+    # on each engine.
+    swap = '\n[reset]\nstrategy = "swap"\n'
+    for key, engine, name in (("proxy_swap", "aiohttp", "proxy"), ("wire_swap", "protocol", "wire")):
+        start = functools.partial(start_proxy, workdir, f"{name}-mem-swap", echo_url, swap, engine=engine)
+        out[key] = await _idle_rss_fresh(session, start, plan.idle_sessions, f"{name}, strategy swap", log)
     return out
 
 

@@ -148,8 +148,8 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
-    # "aiohttp" (proxy/relay.py) is the default: only it can move a client to another upstream (swap, rollover).
-    engine: RelayEngine = "aiohttp"
+    # "protocol" (proxy/wire.py, the faster) or "aiohttp" (proxy/relay.py); both swap and roll over (core/swap.py).
+    engine: RelayEngine = "protocol"
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,8 +273,6 @@ def _validate(config: Config) -> None:
             raise ConfigError(key, f"no such file: {path}")
     if listen.workers < 1:
         raise ConfigError("listen.workers", f"must be at least 1, not {listen.workers}")
-    if config.reset.strategy == "swap" and config.relay.engine == "protocol":
-        raise ConfigError("reset.strategy", '"swap" needs [relay] engine = "aiohttp" (the protocol engine cannot swap)')
     if listen.workers > 1 and listen.port == 0:
         raise ConfigError("listen.workers", "several workers share one port: set listen.port (not 0)")
     if listen.drain_seconds < 0:

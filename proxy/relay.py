@@ -401,11 +401,7 @@ class Relay:
                 await _send_all(ws, frames)
 
     def _deadline(self) -> float | None:
-        deadline = self.session.deadline
-        other = self.swapper.deadline if self.swapper is not None else None
-        if deadline is None or (other is not None and other < deadline):
-            return other
-        return deadline
+        return relay_deadline(self.session, self.swapper)
 
     async def _timer(self) -> None:
         while True:
@@ -515,6 +511,16 @@ class Relay:
             yield
         finally:
             lock.release()
+
+
+def relay_deadline(session: Session, swapper: Swapper | None) -> float | None:
+    """When a relay's timer must fire (both engines): the earlier of the session's deadline and the swap
+    controller's, or None."""
+    deadline = session.deadline
+    other = swapper.deadline if swapper is not None else None
+    if deadline is None or (other is not None and other < deadline):
+        return other
+    return deadline
 
 
 def _fault(tasks: set[asyncio.Task[None]]) -> BaseException | None:

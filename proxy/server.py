@@ -131,7 +131,7 @@ async def _serve(
     dial = Dial(url, tuple(headers), tuple(protocols))  # a spare is dialed the same way
     started = time.perf_counter()  # not loop.time(): uvloop's moves in whole milliseconds
     if config.relay.engine == "protocol":
-        return await _serve_wire(request, state, conn_log, url, headers, protocols, started)
+        return await _serve_wire(request, state, conn_log, dial, started)
     try:
         upstream = await state.connect(dial)
     except (UpstreamRefused, UpstreamUnreachable) as exc:
@@ -174,15 +174,13 @@ async def _serve_wire(
     request: web.Request,
     state: ServerState,
     conn_log: structlog.stdlib.BoundLogger,
-    url: str,
-    headers: Sequence[tuple[str, str]],
-    protocols: Sequence[str],
+    dial: Dial,
     started: float,
 ) -> web.StreamResponse:
     """The same session over the Protocol relay (proxy/wire.py): dial, then aiohttp's upgrade, then the socket."""
     config = state.config
     try:
-        upstream = await wire.dial(url, headers, protocols, connect_timeout=config.upstream.connect_timeout_seconds)
+        upstream = await state.wire_connect(dial)
     except (UpstreamRefused, UpstreamUnreachable) as exc:
         return _dial_failed(state, conn_log, exc)
     state.metrics.upstream_connect_seconds.observe(time.perf_counter() - started)
@@ -195,7 +193,13 @@ async def _serve_wire(
         upstream.abort()
         raise
     relay = wire.WireRelay(
-        state.session_config, max_message_bytes=config.limits.max_message_bytes, metrics=state.metrics, log=conn_log
+        state.session_config,
+        max_message_bytes=config.limits.max_message_bytes,
+        metrics=state.metrics,
+        log=conn_log,
+        swap=state.swap_config,
+        dial=dial,
+        connect=state.wire_connect,
     )
     relay.start(transport, tail, request.protocol, upstream)
     state.sockets.add(relay)
@@ -304,6 +308,12 @@ class ServerState:
             dial.subprotocols,
             max_message_bytes=self.config.limits.max_message_bytes,
             connect_timeout=self.config.upstream.connect_timeout_seconds,
+        )
+
+    async def wire_connect(self, dial: Dial) -> wire.Upstream:
+        """The same, for the Protocol relay (proxy/wire.py)."""
+        return await wire.dial(
+            dial.url, dial.headers, dial.subprotocols, connect_timeout=self.config.upstream.connect_timeout_seconds
         )
 
     async def close(self) -> None:

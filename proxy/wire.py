@@ -27,6 +27,13 @@ Rules:
   that vanished is 1014 to the client, a client that vanished is 1001 to the upstream, a fault of ours is
   logged with its traceback and closes both with 1011. A close frame we send is followed by the transport's
   close once the peer's close arrives, or by an abort after ``close_timeout``.
+- Swap and rollover (with a swap config, proxy/core/swap.py, as relay.py): a spare upstream is a second socket
+  with its own frame reader; its frames go to the controller, never to the client, and its write pauses stop
+  no one's reading. The controller's actions are carried out right after the core step that asked for them,
+  between two frames of a read: at a switch the spare becomes the client's upstream (and `session` another
+  core session), the old one is sent what it still had coming and a close 1000, and the rest of its read, like
+  all it sends later, reaches nobody. Spare dials are tasks of the relay's, cancelled when it closes; the relay
+  is done once every socket it opened, spares and retired upstreams included, is gone.
 """
 
 from __future__ import annotations
@@ -35,8 +42,8 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, cast
 
 import structlog
 from aiohttp import web
@@ -52,9 +59,11 @@ from websockets.uri import parse_uri
 from proxy.core.errors import UpstreamRefused, UpstreamUnreachable
 from proxy.core.frames import Frame as WireFrame
 from proxy.core.frames import FrameReader, FrameWriter, MaskFunction, Opcode, ReaderState
+from proxy.core.replay import Dial, ReplayRecord
 from proxy.core.session import Binary, Frame, Session, SessionConfig
+from proxy.core.swap import Action, SwapConfig, Swapper
 from proxy.metrics import Metrics
-from proxy.relay import BAD_GATEWAY, INVALID_UTF8, RelayStats, is_utf8, note_notices, sendable
+from proxy.relay import BAD_GATEWAY, INVALID_UTF8, RelayStats, is_utf8, note_notices, relay_deadline, sendable
 from proxy.upstream import MAX_REFUSAL_BODY, REFUSAL_HEADERS
 
 _log = structlog.get_logger("proxy.wire")
@@ -171,6 +180,16 @@ class _Handshake:
         return None
 
 
+class _Sink(Protocol):
+    """Where an upstream socket's events go: the relay itself for the client's upstream, an `_Other` for the rest."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_lost(self) -> None: ...
+
+    def upstream_write_paused(self, paused: bool) -> None: ...
+
+
 class _UpstreamSide(asyncio.Protocol):
     """The upstream's transport: the HTTP handshake first (websockets' parser), then frames for the relay."""
 
@@ -178,7 +197,7 @@ class _UpstreamSide(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.handshake: _Handshake | None = _Handshake()
-        self.relay: WireRelay | None = None
+        self.relay: _Sink | None = None
         self.transport: asyncio.Transport | None = None
         self.early = bytearray()  # bytes after the handshake, before the relay is attached
         self.lost = False
@@ -278,6 +297,9 @@ async def dial(
     except OSError as exc:
         _abort(side)
         raise UpstreamUnreachable(f"upstream unreachable: {exc.strerror or exc}") from exc
+    except BaseException:  # cancelled (a spare's dial when its relay ends): the socket must not outlive it
+        _abort(side)
+        raise
     if response.status_code != 101:
         _abort(side)
         keep = [(k, v) for k, v in response.headers.raw_items() if k.lower() in REFUSAL_HEADERS]
@@ -328,8 +350,40 @@ async def upgrade(request: web.Request, subprotocol: str | None) -> tuple[web.St
     return ws, transport, tail
 
 
+Connect = Callable[[Dial], Awaitable[Upstream]]
+
+
+class _Other:
+    """An upstream socket that is not the client's upstream: the spare, or one the client left (retired).
+
+    Its events go to the relay's spare handling while it is the spare, and only to its own close once retired;
+    its write pauses count for nothing of the client's (they are noted, for the moment it becomes the upstream)."""
+
+    __slots__ = ("heard", "pinged", "protocol", "relay", "side")
+
+    def __init__(self, relay: WireRelay, side: _Side, protocol: _UpstreamSide) -> None:
+        self.relay = relay
+        self.side = side
+        self.protocol = protocol
+        self.heard = True  # the spare's heartbeat, as the client's upstream's (`WireRelay._on_beat`)
+        self.pinged = False
+
+    def upstream_data(self, data: bytes) -> None:
+        self.relay.other_data(self, data)
+
+    def upstream_lost(self) -> None:
+        self.relay.other_lost(self)
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        self.side.write_paused = paused
+
+
 class WireRelay:
-    """One client connection and its upstream, relayed frame by frame through a core Session."""
+    """One client connection and its upstream, relayed frame by frame through a core Session.
+
+    Given a swap config, a dial and a way to dial, it also drives a swap controller (proxy/core/swap.py), as
+    relay.py does: a warm spare upstream, reset by swap, rollover before the session cap. The client's upstream
+    is then whichever socket the controller last switched to; the others are `_Other`s."""
 
     def __init__(
         self,
@@ -340,8 +394,11 @@ class WireRelay:
         log: structlog.stdlib.BoundLogger | None = None,
         close_timeout: float = 5.0,
         heartbeat: float | None = None,
+        swap: SwapConfig | None = None,
+        dial: Dial | None = None,
+        connect: Connect | None = None,
     ) -> None:
-        self.session = Session(config, clock=time.monotonic)
+        self.session = Session(config, clock=time.monotonic)  # not cached across a switch: a swap puts another here
         self.stats = RelayStats()
         self.metrics = metrics
         self.log: structlog.stdlib.BoundLogger = log or _log
@@ -361,6 +418,20 @@ class WireRelay:
         self._pinged = False
         self._closing = False
         self._done = self._loop.create_future()
+        self._max_message_bytes = max_message_bytes
+        self._upstream_protocol: _UpstreamSide | None = None  # the client's upstream's, relinked when it is left
+        self.swapper: Swapper | None = None
+        self._connect = connect
+        self._spare: _Other | None = None  # the spare's socket once its dial succeeded
+        self._others: set[_Other] = set()  # upstream sockets not the client's, until each is gone
+        self._dials: set[asyncio.Task[None]] = set()  # spare dials in flight: ended with the relay
+        self._upstream_close: tuple[int | None, str] = (None, _UPSTREAM_LOST)  # a rollover's, should it find none
+        self._held_before = 0  # held_total of the sessions the client left
+        if swap is not None and dial is not None and connect is not None:
+            self.swapper = Swapper(swap, ReplayRecord(dial), self.session, clock=time.monotonic)
+            # The one per-frame cost of swapping: the controller is looked at after each core step. A relay
+            # without a swap config keeps the plain method, and pays nothing.
+            self._after_core = self._after_core_swapping  # type: ignore[method-assign]
 
     # --- start, end -------------------------------------------------------------------------------
 
@@ -372,6 +443,7 @@ class WireRelay:
         client.set_protocol(_ClientSide(self, http))
         self.upstream.transport = up.side.transport
         up.side.relay = self
+        self._upstream_protocol = up.side
         early, up.side.early = bytes(up.side.early), bytearray()
         self._beat = self._loop.call_later(self._heartbeat, self._on_beat)
         client.resume_reading()  # aiohttp may have paused it while it queued the tail
@@ -381,6 +453,8 @@ class WireRelay:
             self.upstream_data(early)
         if up.side.lost:
             self.upstream_lost()
+        if self.swapper is not None:
+            self._guard(self._swap_step)  # the expiry warning's timer, and the first spare's dial under "swap"
 
     async def run(self) -> None:
         """Wait until both sides are closed; a cancelled wait (server shutdown) closes both with 1001 first."""
@@ -406,7 +480,7 @@ class WireRelay:
 
     @property
     def held_total(self) -> int:
-        return self.session.held_total
+        return self._held_before + self.session.held_total
 
     @property
     def client_reading_paused(self) -> bool:
@@ -426,6 +500,8 @@ class WireRelay:
         return self.upstream.reader.buffered
 
     def _finish_if_done(self) -> None:
+        if self._others or self._dials:
+            return  # a spare, a socket the client left, or a dial: the relay ends with the last of them
         if self.client.lost and self.upstream.lost and not self._done.done():
             for handle in (self._timer, self._beat, self.client.close_timer, self.upstream.close_timer):
                 if handle is not None:
@@ -502,7 +578,6 @@ class WireRelay:
     def _feed_client(self, frames: Sequence[WireFrame | memoryview], i: int, nbytes: int) -> None:
         """Feed client frames from `i` while the core takes them; stash the rest once it pauses. A memoryview is
         frames the core passed on already (the fast path: they only ever come first, before any Frame)."""
-        session = self.session
         n = len(frames)
         while i < n:
             frame = frames[i]
@@ -514,7 +589,7 @@ class WireRelay:
             self._client_frame(frame)
             if self._closing:
                 return
-            if session.paused and i < n:
+            if self.session.paused and i < n:  # self.session: a frame may have switched it
                 self._stash.extend(cast(Sequence[WireFrame], frames[i:]))  # after a Frame: Frames only
                 self._stash_bytes += nbytes  # what keeps those frames alive: the reads they point into
                 return
@@ -557,7 +632,9 @@ class WireRelay:
                 if self._closing:
                     self._closes_only(side, frames[i + 1 :])
                     break
-        if reader.state is ReaderState.FAILED and not self._closing:
+                if side is not self.upstream:  # a switch: the rest of this read is for nobody
+                    break
+        if reader.state is ReaderState.FAILED and not self._closing and side is self.upstream:
             failure = reader.failure
             assert failure is not None
             self.log.info("upstream_protocol_error", code=failure.code, reason=failure.reason)
@@ -666,12 +743,224 @@ class WireRelay:
     def _resume_client_feed(self) -> None:
         """Feed the stashed client frames while the core takes them (after it resumed)."""
         stash = self._stash
-        session = self.session
-        while stash and not session.paused and not self._closing:
+        while stash and not self.session.paused and not self._closing:  # a frame may switch the session
             self._client_frame(stash.popleft())
         if not stash:
             self._stash_bytes = 0
         self._update_reading()
+
+    # --- the swap controller (proxy/core/swap.py): spares, switches, rollover --------------------------
+
+    def _after_core_swapping(self) -> None:
+        """`_after_core` with a swap controller: its actions are carried out at once, before the next frame is
+        read, so nothing of the old upstream follows a switch."""
+        WireRelay._after_core(self)
+        swapper = self.swapper
+        assert swapper is not None
+        if swapper.pending:
+            self._swap_step()
+
+    def _swap_step(self) -> None:
+        """Carry out the controller's actions, then send what it has for the spare and the client."""
+        swapper = self.swapper
+        assert swapper is not None
+        while swapper.actions:  # a switch asks for the next spare at once
+            for action in swapper.take_actions():
+                self._act(action)
+        spare = self._spare
+        to_spare = swapper.take_spare()
+        if to_spare and spare is not None:
+            self._take(spare.side, list(to_spare), None, ())
+            spare.side.flush()
+        if swapper.notices:
+            self.log = note_notices(self.log, self.stats, self.metrics, swapper.take_notices())
+        to_client = swapper.take_client()
+        if to_client:
+            self._take(self.client, to_client, None, ())
+        self._arm()  # the controller's deadline may have moved (a spare opened or replaced, a warning sent)
+
+    def _act(self, action: Action) -> None:
+        if action is Action.DIAL:
+            self._dial_spare()
+        elif action is Action.CLOSE_SPARE:
+            spare, self._spare = self._spare, None
+            if spare is not None:  # None: its connection already ended
+                self._send_close(spare.side, 1000, "")
+        elif action is Action.SWITCH:
+            self._switch()
+        else:  # END: a rollover found no upstream; the old one's close reaches the client after all
+            code, reason = self._upstream_close
+            self.stats.upstream_close_code = code
+            self._close_both(sendable(code, BAD_GATEWAY), reason, 1000, "")
+
+    def _switch(self) -> None:
+        """The spare becomes the client's upstream; the old one is sent what it still had coming, then 1000."""
+        swapper, spare, old, old_protocol = self.swapper, self._spare, self.upstream, self._upstream_protocol
+        assert swapper is not None and spare is not None and old_protocol is not None
+        self._spare = None
+        self._others.discard(spare)
+        self._held_before += self.session.held_total
+        self.session = swapper.switch()
+        self.stats.upstream_switches += 1
+        self._retire(old, old_protocol)
+        retired = swapper.take_retired()
+        if not old.sent_close:  # (a rollover's upstream had its close answered already)
+            self._take(old, retired, None, ())
+            self._send_close(old, 1000, "session moved")
+        self.upstream = spare.side
+        self._upstream_protocol = spare.protocol
+        spare.protocol.relay = self
+        self._upstream_heard = True
+        self._pinged = False
+        self._upstream_reading = True  # a spare is always read; paused below if the client's writes are
+        self._update_reading()
+        self._take(self.client, swapper.take_client(), None, ())  # the old session's last words, then completed
+        self._drain_core()  # the new session's: the events held back, fed to it by the switch
+        self._resume_client_feed()  # then the client frames read meanwhile (none when a client frame switched)
+
+    def _retire(self, side: _Side, protocol: _UpstreamSide) -> None:
+        """`side` is no longer the client's upstream: its frames reach nobody, and its end is its own."""
+        if protocol.relay is not self:
+            return  # retired already (a rollover's upstream, which closed first)
+        other = _Other(self, side, protocol)
+        protocol.relay = other
+        if not side.lost:
+            self._others.add(other)
+            if not self._upstream_reading and side.transport is not None:
+                side.transport.resume_reading()  # so that its answer to our close is read
+
+    def _rolled_over(self, code: int | None, reason: str) -> bool:
+        """The client's upstream ended: True when the client stays, held back, until the switch to a fresh one."""
+        swapper = self.swapper
+        if swapper is None or not swapper.upstream_closed(code):
+            return False
+        self._upstream_close = (code, reason)
+        side = self.upstream
+        self._send_close(side, code if code is not None and code != 1005 else 1000, "")  # none if it vanished
+        assert self._upstream_protocol is not None
+        self._retire(side, self._upstream_protocol)
+        self._swap_step()
+        return True
+
+    def _dial_spare(self) -> None:
+        if self._closing:
+            return  # a spare lost while the connection ends is not replaced
+        task = self._loop.create_task(self._dial_one(), name="spare-dial")
+        self._dials.add(task)
+        task.add_done_callback(self._dialed)
+
+    async def _dial_one(self) -> None:
+        assert self._connect is not None and self.swapper is not None
+        try:
+            up = await self._connect(self.swapper.record.dial)
+        except UpstreamRefused as exc:
+            self._guard(self._spare_failed, f"refused with HTTP {exc.status}")
+            return
+        except UpstreamUnreachable as exc:
+            self._guard(self._spare_failed, exc.reason)
+            return
+        self._guard(self._spare_opened, up)
+
+    def _dialed(self, task: asyncio.Task[None]) -> None:
+        self._dials.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._guard(self._fault, cast(Exception, task.exception()))
+        self._finish_if_done()
+
+    def _spare_opened(self, up: Upstream) -> None:
+        protocol = up.side
+        side = _Side(masked_in=False, max_message_bytes=self._max_message_bytes)
+        side.transport = protocol.transport
+        other = _Other(self, side, protocol)
+        protocol.relay = other
+        self._others.add(other)
+        early, protocol.early = bytes(protocol.early), bytearray()
+        if self._closing:  # the connection ended while it was dialed
+            self._send_close(side, 1000, "")
+        else:
+            assert self.swapper is not None
+            self._spare = other
+            self.swapper.spare_opened()
+            self._swap_step()  # the replay record, sent
+            if early:
+                self._spare_read(other, early)
+        if protocol.lost:
+            self.other_lost(other)
+
+    def _spare_failed(self, reason: str) -> None:
+        assert self.swapper is not None
+        self.log.info("spare_failed", reason=reason)
+        self.swapper.spare_failed()
+        self._swap_step()
+
+    def other_data(self, other: _Other, data: bytes) -> None:
+        """Bytes from an upstream socket that is not the client's upstream."""
+        other.heard = True
+        if other is self._spare:
+            self._guard(self._spare_read, other, data)
+        else:  # retired: we sent it our close; only its answer matters
+            for frame in other.side.reader.receive_data(data):
+                if frame.opcode is Opcode.CLOSE and other.side.transport is not None:
+                    other.side.transport.close()
+        other.side.flush()
+
+    def _spare_read(self, spare: _Other, data: bytes) -> None:
+        """The spare's frames go to the controller (none reaches the client) until it is the client's upstream."""
+        swapper = self.swapper
+        assert swapper is not None
+        side = spare.side
+        frames = side.reader.receive_data(data)
+        for i, frame in enumerate(frames):
+            if side is self.upstream:  # it became the client's upstream: the rest of this read is the client's
+                self._upstream_rest(side, frames[i:])
+                return
+            if spare is not self._spare:
+                return  # dropped (it refused, or was replaced)
+            opcode = frame.opcode
+            if opcode is Opcode.PING:
+                side.out.append(side.writer.frame(Opcode.PONG, frame.payload()))
+            elif opcode is Opcode.CLOSE:
+                side.got_close = True
+                self._spare_failed("the spare closed its connection")
+                return
+            elif opcode is not Opcode.PONG:
+                side.frag_payload.append(bytes(frame.payload()))
+                if frame.fin:
+                    payload = b"".join(side.frag_payload)
+                    side.frag_payload = []
+                    swapper.spare_frame(Binary(payload) if frame.message_opcode is Opcode.BINARY else payload)
+                    if swapper.pending:
+                        self._swap_step()
+        if side is self.upstream:
+            self._upstream_rest(side, ())
+        elif side.reader.state is ReaderState.FAILED and spare is self._spare:
+            failure = side.reader.failure
+            assert failure is not None
+            self._spare_failed("the spare broke the protocol: " + failure.reason)
+
+    def _upstream_rest(self, side: _Side, frames: Sequence[WireFrame]) -> None:
+        """The rest of a read from a spare that became the client's upstream in the middle of it."""
+        for i, frame in enumerate(frames):
+            self._upstream_frame(frame)
+            if self._closing:
+                self._closes_only(side, frames[i + 1 :])
+                return
+            if side is not self.upstream:
+                return
+        if side.reader.state is ReaderState.FAILED and not self._closing:
+            self._upstream_read(b"")  # a failed reader reads nothing more: this reports its failure, as for any read
+
+    def other_lost(self, other: _Other) -> None:
+        side = other.side
+        side.lost = True
+        self._others.discard(other)
+        if other is self._spare:
+            self._spare = None
+            self._guard(self._spare_failed, "the spare's connection ended")
+        self._lost(side)
+
+    def _deadline(self) -> float | None:
+        return relay_deadline(self.session, self.swapper)
 
     # --- the reset timer ----------------------------------------------------------------------------
 
@@ -679,7 +968,8 @@ class WireRelay:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        deadline = self._armed = self.session.deadline
+        self._armed = self.session.deadline  # what `_after_core` compares with; the controller's is re-armed apart
+        deadline = self._deadline()
         if deadline is not None and not self._closing:
             self._timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)
 
@@ -688,20 +978,33 @@ class WireRelay:
         self._guard(self._timeout)
 
     def _timeout(self) -> None:
-        deadline = self.session.deadline
+        deadline = self._deadline()
         if deadline is not None and time.monotonic() < deadline:  # the loop's clock is coarser than ours
             self._arm()
             return
         self.session.handle_timeout()
-        self._armed = None
+        if self.swapper is not None:
+            self.swapper.handle_timeout()
         self._drain_core()
+        self._arm()
         self._resume_client_feed()
 
     def _on_beat(self) -> None:
-        """The upstream heartbeat: ping an upstream silent for a period; one silent for two is gone."""
+        """The upstream heartbeat: ping an upstream silent for a period; one silent for two is gone. The spare's
+        too (as aiohttp's heartbeat does for relay.py's): it keeps it open through NATs, and a dead one is replaced."""
         if self._closing:
             return
-        if self._upstream_heard:
+        spare = self._spare
+        if spare is not None:
+            if spare.heard:
+                spare.heard = spare.pinged = False
+            elif not spare.pinged:
+                spare.pinged = True
+                spare.side.out.append(spare.side.writer.frame(Opcode.PING, b""))
+                spare.side.flush()
+            else:
+                self._guard(self._spare_failed, "the spare stopped answering pings")
+        if self._upstream_heard or self.upstream.sent_close:  # (sent_close: a rollover waits for the next one)
             self._upstream_heard = False
             self._pinged = False
         elif not self._pinged:
@@ -761,6 +1064,8 @@ class WireRelay:
         if self._closing:
             self._closed_after_ours(self.upstream)
             return
+        if self._rolled_over(code, reason):
+            return
         self.stats.upstream_close_code = code
         self._close_both(sendable(code, BAD_GATEWAY), reason, code if code != 1005 else 1000, "")
 
@@ -777,8 +1082,12 @@ class WireRelay:
         side = self.upstream
         side.lost = True
         if not self._closing:
-            self._guard(self._close_both, BAD_GATEWAY, _UPSTREAM_LOST, 1001, "")
+            self._guard(self._upstream_gone)
         self._lost(side)
+
+    def _upstream_gone(self) -> None:
+        if not self._rolled_over(None, _UPSTREAM_LOST):
+            self._close_both(BAD_GATEWAY, _UPSTREAM_LOST, 1001, "")
 
     def _lost(self, side: _Side) -> None:
         if side.close_timer is not None:
@@ -798,11 +1107,16 @@ class WireRelay:
             self._timer.cancel()
         self._send_close(self.client, client_code, client_reason)
         self._send_close(self.upstream, upstream_code, upstream_reason)
+        for task in self._dials:
+            task.cancel()
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            self._send_close(spare.side, 1000, "")
         self._update_reading()
 
     def _send_close(self, side: _Side, code: int, reason: str) -> None:
         transport = side.transport
-        if side.lost or transport is None:
+        if side.lost or transport is None or side.sent_close:
             return
         side.sent_close = True
         side.out.append(side.writer.close(code, reason.encode()[:123].decode(errors="ignore")))

@@ -277,3 +277,10 @@ def test_swap_keys_reach_the_swap_config() -> None:
     )
     swap = config.swap_config()
     assert (swap.strategy, swap.max_session_seconds, swap.warn_before_seconds) == ("swap", 0.0, 60.0)
+
+
+@pytest.mark.parametrize("engine", ["aiohttp", "protocol"])
+def test_swap_is_accepted_on_either_relay_engine(engine: str) -> None:
+    """strategy = "swap" loads with either [relay] engine: both drive the swap controller."""
+    config = config_from_dict({"reset": {"strategy": "swap"}, "relay": {"engine": engine}})
+    assert (config.relay.engine, config.swap_config().strategy) == (engine, "swap")

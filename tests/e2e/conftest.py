@@ -23,8 +23,9 @@ from proxy.simulator import SimSession, Simulator, SimulatorConfig
 
 Event = dict[str, Any]
 
-# The relay engine every proxy of this suite runs on, unless a test names one: RRP_RELAY_ENGINE=protocol runs
-# the whole suite over proxy/wire.py (`make test-protocol-engine`), the default being proxy/relay.py.
+# The relay engine every proxy of this suite runs on, unless a test names one: RRP_RELAY_ENGINE=aiohttp runs
+# the whole suite over proxy/relay.py (`make test-aiohttp-engine`, and make test's second pass), the default
+# being proxy/wire.py ("protocol").
 ENGINE: RelayEngine | None = os.environ.get("RRP_RELAY_ENGINE") or None  # type: ignore[assignment]
 _ENGINE_NAMED: set[int] = set()  # ids of configs whose test named an engine: ENGINE does not replace it
 

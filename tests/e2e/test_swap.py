@@ -10,18 +10,16 @@ from websockets.exceptions import ConnectionClosed
 from proxy.core.swap import SpareState
 from proxy.relay import Relay
 from proxy.simulator import SimSession, SimulatorConfig
-from tests.e2e.conftest import ENGINE, Client, Stack, StackFactory, item_event
+from proxy.wire import WireRelay
+from tests.e2e.conftest import Client, Stack, StackFactory, item_event
 from tests.e2e.probes import live_objects, relays, settled, wait_for
-
-# Moving a client to another upstream is the aiohttp engine's (proxy/relay.py); the protocol engine cannot.
-pytestmark = pytest.mark.skipif(ENGINE == "protocol", reason="swap and rollover run on the aiohttp engine only")
 
 UPDATE = {"type": "session.update", "session": {"type": "realtime", "instructions": "answer in French"}}
 # Fields that differ between any two sessions, however configured.
 _OWN = {"id", "expires_at"}
 
 
-def the_relay() -> Relay:
+def the_relay() -> Relay | WireRelay:
     (relay,) = relays()
     return relay
 
