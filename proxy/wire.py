@@ -571,6 +571,9 @@ class WireRelay:
             failure = reader.failure
             assert failure is not None
             self.stats.client_close_code = failure.code
+            # A failed stream is read no more (RFC 6455 7.1.7), so its close frame would never be seen: the
+            # connection ends once our close frame is written, not after close_timeout.
+            side.got_close = True
             self._close_both(failure.code, failure.reason, failure.code, _CLIENT_CLOSED)
         if self._stash_bytes > STASH_PAUSE_BYTES:
             self._update_reading()
@@ -639,6 +642,7 @@ class WireRelay:
             assert failure is not None
             self.log.info("upstream_protocol_error", code=failure.code, reason=failure.reason)
             reason = "upstream broke the protocol: " + failure.reason
+            side.got_close = True  # as a failed client stream: read no more, so closed once our close is written
             self._close_both(BAD_GATEWAY, reason, failure.code, failure.reason)
         if self._stash:
             self._resume_client_feed()
