@@ -401,8 +401,11 @@ async def reset(
 ) -> dict[str, Any]:
     sim_base = f"ws://127.0.0.1:{upstream.extra['sim']}/v1/realtime"
     line_url = f"ws://127.0.0.1:{upstream.extra['sim_via_delay_line']}/v1/realtime?model=gpt-realtime"
-    proxy = await start_proxy(workdir, "proxy-sim", sim_base)
-    swap_proxy = await start_proxy(workdir, "proxy-sim-swap", sim_base, '\n[reset]\nstrategy = "swap"\n')
+    # On the default engine (the Protocol relay), the one the targets judge.
+    proxy = await start_proxy(workdir, "proxy-sim", sim_base, engine="protocol")
+    swap_proxy = await start_proxy(
+        workdir, "proxy-sim-swap", sim_base, '\n[reset]\nstrategy = "swap"\n', engine="protocol"
+    )
     try:
         r = await run_reset(
             session,

@@ -75,14 +75,20 @@ async def test_an_exception_in_a_pump_is_logged_and_closes_both_sides_with_1011(
     its traceback, close 1011 to the client and to the upstream."""
     stack = await make_stack()
     client, upstream = await stack.client()
-    original = Session.upstream_frame
+    original, original_passes = Session.upstream_frame, Session.upstream_passes
 
     def broken(self: Session, data: bytes | str) -> None:
         if b"boom" in (data if isinstance(data, bytes) else data.encode()):
             raise RuntimeError("core bug for the test")
         original(self, data)
 
+    def broken_passes(self: Session, data: bytes, text: bool) -> bool:
+        if b"boom" in data:  # the Protocol relay asks this first (its fast path): a bug there is as loud
+            raise RuntimeError("core bug for the test")
+        return original_passes(self, data, text)
+
     monkeypatch.setattr(Session, "upstream_frame", broken)
+    monkeypatch.setattr(Session, "upstream_passes", broken_passes)
     await upstream.send_event({"type": "response.output_text.delta", "delta": "boom"})
     assert await closed_with(client) == (1011, "proxy internal error")
     await upstream.wait_until(lambda s: s.close_code is not None)
