@@ -273,7 +273,8 @@ class FrameReader:
         if pos >= 0 and self.state is ReaderState.OPEN:
             if passes is not None and self._message is None:
                 pos = self._pass_run(view, pos, frames, passes)
-            self._scan(view, pos, frames)
+            if pos < len(view):
+                self._scan(view, pos, frames)
         return frames
 
     def _pass_run(self, view: memoryview, pos: int, frames: list[Frame | memoryview], passes: Passes) -> int:

@@ -446,7 +446,9 @@ class Session:
         """The fast path (proxy/core/frames.py `Passes`): True when `client_frame` would only forward this
         message as it came. It then counts as forwarded, the caller sends its wire bytes, and `client_frame` is
         not called for it; nothing changes when False (then call `client_frame`)."""
-        return self.reset is None and not self._held and (not text or self._unread(data))
+        if self.reset is not None or self._held:
+            return False
+        return not text or self._unread(data)
 
     def _unread(self, data: Frame) -> bool:
         """A text frame forwarded without a parse (an append or the like: nothing to read in it); noted if so."""
@@ -885,7 +887,10 @@ class Session:
 
     def upstream_passes(self, data: bytes, text: bool) -> bool:
         """The fast path, as `client_passes`: True when `upstream_frame` would only forward this message."""
-        return not text or _upstream_unread(data)
+        if not text:
+            return True
+        sniffed = sniff_type(data)  # `_upstream_unread`, inlined: this runs for every audio delta
+        return sniffed is not None and sniffed not in _UPSTREAM_INTERESTING
 
     def upstream_frame(self, data: Frame) -> None:
         if isinstance(data, Binary) or _upstream_unread(data):
