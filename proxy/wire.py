@@ -70,6 +70,9 @@ _log = structlog.get_logger("proxy.wire")
 
 STASH_PAUSE_BYTES = 256 * 1024  # client bytes read while the core is paused, past which its socket is not read
 HEARTBEAT_SECONDS = 20.0  # an upstream silent this long is pinged; silent for as long again, it is gone
+# Bytes waiting for a client that does not read, past which the client is not read either (what it sends may be
+# answered to it: pongs, errors); a client that then reads none of it for two heartbeats is dropped.
+CLIENT_BUFFER_CAP = 1024 * 1024
 _INTERNAL = "proxy internal error"
 _CLIENT_CLOSED = "client closed"
 _UPSTREAM_LOST = "upstream connection lost"
@@ -411,6 +414,8 @@ class WireRelay:
         self._stash_bytes = 0
         self._client_reading = True
         self._upstream_reading = True
+        self._client_swamped = False  # more than CLIENT_BUFFER_CAP waits for the client: it is not read
+        self._client_stuck: int | None = None  # what waited for it at the last heartbeat, while swamped
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None
         self._beat: asyncio.TimerHandle | None = None
@@ -523,6 +528,8 @@ class WireRelay:
             self.upstream.flush()
         if self.client.out:
             self.client.flush()
+            if self.client.write_paused:
+                self._check_client_buffer()
 
     def upstream_data(self, data: bytes) -> None:
         self._upstream_heard = True
@@ -591,6 +598,7 @@ class WireRelay:
             assert isinstance(frame, WireFrame)
             self._client_frame(frame)
             if self._closing:
+                self._closes_only(self.client, frames[i:])  # the client's close frame may be right behind
                 return
             if self.session.paused and i < n:  # self.session: a frame may have switched it
                 self._stash.extend(cast(Sequence[WireFrame], frames[i:]))  # after a Frame: Frames only
@@ -896,6 +904,8 @@ class WireRelay:
         self.log.info("spare_failed", reason=reason)
         self.swapper.spare_failed()
         self._swap_step()
+        # A swap reset that waited for this spare may have turned into deletes: they leave now.
+        self._drain_core()
 
     def other_data(self, other: _Other, data: bytes) -> None:
         """Bytes from an upstream socket that is not the client's upstream."""
@@ -998,6 +1008,16 @@ class WireRelay:
         too (as aiohttp's heartbeat does for relay.py's): it keeps it open through NATs, and a dead one is replaced."""
         if self._closing:
             return
+        if self._client_swamped:
+            # Two beats without the client reading a byte of what waits for it: it is gone for our purposes.
+            transport = self.client.transport
+            size = transport.get_write_buffer_size() if transport is not None else 0
+            if self._client_stuck is not None and size >= self._client_stuck:
+                self.log.warning("client_not_reading", buffered=size, seconds=self._heartbeat)
+                self._close_both(1008, "client not reading", 1001, _CLIENT_CLOSED)
+                self._flush()
+                return
+            self._client_stuck = size
         spare = self._spare
         if spare is not None:
             if spare.heard:
@@ -1026,7 +1046,17 @@ class WireRelay:
 
     def client_write_paused(self, paused: bool) -> None:
         self.client.write_paused = paused
+        if not paused:
+            self._client_swamped = False
+            self._client_stuck = None
         self._update_reading()
+
+    def _check_client_buffer(self) -> None:
+        """A client whose writes are paused: past CLIENT_BUFFER_CAP waiting for it, it is not read any more."""
+        transport = self.client.transport
+        if transport is not None and transport.get_write_buffer_size() > CLIENT_BUFFER_CAP:
+            self._client_swamped = True
+            self._update_reading()
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.upstream.write_paused = paused
@@ -1034,7 +1064,9 @@ class WireRelay:
 
     def _update_reading(self) -> None:
         # Closing, a side is read on: the peer's close frame is what we wait for.
-        want_client = self._closing or not (self.upstream.write_paused or self._stash_bytes > STASH_PAUSE_BYTES)
+        want_client = self._closing or not (
+            self.upstream.write_paused or self._client_swamped or self._stash_bytes > STASH_PAUSE_BYTES
+        )
         if want_client != self._client_reading and self.client.transport is not None and not self.client.lost:
             self._client_reading = want_client
             if want_client:
@@ -1127,8 +1159,8 @@ class WireRelay:
         side.flush()
         if side.got_close:
             transport.close()  # the close handshake is complete: the side said so first
-        else:
-            side.close_timer = self._loop.call_later(self._close_timeout, transport.abort)
+        # Armed either way: a close waits for the buffer to drain, which a peer that never reads never lets happen.
+        side.close_timer = self._loop.call_later(self._close_timeout, transport.abort)
 
     def _closed_after_ours(self, side: _Side) -> None:
         """The peer's answer to our close frame: the handshake is complete."""
