@@ -93,7 +93,7 @@ async def test_pongs_to_a_client_that_does_not_read_are_not_buffered_without_bou
         await wait_for(lambda: relay.client_reading_paused, "the client no longer read", 10)
         # One read of pings past the cap at most (a read is at most 256 KiB: as many bytes of pongs).
         assert CLIENT_BUFFER_CAP < transport.get_write_buffer_size() <= CLIENT_BUFFER_CAP + 512 * 1024
-        assert not task.done()  # the flood is pushed back: its writes wait
+        # (Whether the flood's own writes wait by now depends on how much the kernel's buffers take: not asserted.)
     finally:
         task.cancel()
         with contextlib.suppress(BaseException):
