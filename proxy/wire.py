@@ -17,7 +17,10 @@ Rules:
   ``resume_writing``. While the core is paused (a reset runs) no more client frames go into it: the frames
   already read wait here, in order, and are fed once it resumes; past ``STASH_PAUSE_BYTES`` of them, the
   client's socket is not read any more and TCP pushes back. (Below that the socket is still read, so a client
-  that vanishes mid-reset is seen at once.)
+  that vanishes mid-reset is seen at once.) A client that does not read what it is sent is not read either
+  once ``CLIENT_BUFFER_CAP`` waits for it, and is closed (1008) after two heartbeats of reading none of it.
+- The fast path: a read's plain frames that the session passes (`Session.client_passes`/`upstream_passes`,
+  asked by the frame reader) leave as one span of the read's bytes, before anything else of that read.
 - Fragmented messages are put together before the core sees them (it decides on whole messages); one the core
   forwards leaves as its fragments did. Pings are answered here, pongs dropped (as aiohttp's autoping did).
 - UTF-8: the proxy enforces it, as relay.py does, since it has each text payload in hand anyway: an invalid
